@@ -1,0 +1,1 @@
+"""lopd: offline on-policy distillation."""

@@ -1,0 +1,4 @@
+"""The teacher cache: score sets of sharded Zarr v3 arrays plus a manifest (format: storage/README.md)."""
+from lopd.cache.reader import CachedSequence, ScoreCache, open_cache
+
+__all__ = ["CachedSequence", "ScoreCache", "open_cache"]

@@ -1,0 +1,111 @@
+"""Reading a score set: `open_cache(path)[i]` joins teacher signals with the rollout row they score."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lopd.cache.layout import FORMAT_VERSION, read_shard, shard_checksum
+from lopd.cache.score_set import MANIFEST
+from lopd.errors import LopdError
+from lopd.rollout_set import RolloutSet
+from lopd.storage import read_json
+
+
+@dataclass
+class CachedSequence:
+    """One rollout with its teacher signal; per-position arrays have length = response length."""
+
+    index: int
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    behaviour_logprobs: np.ndarray
+    reward: float
+    group_id: int
+    teacher_logprobs: np.ndarray  # log pi_T(y_t | s_t) of the sampled token, even outside the top-k
+    topk_ids: np.ndarray  # [T, k]
+    topk_logprobs: np.ndarray  # [T, k], descending
+    tail_logprob: np.ndarray  # log(1 - sum of top-k probabilities)
+
+    @property
+    def tail_mass(self) -> np.ndarray:
+        return np.exp(self.tail_logprob.astype(np.float32))
+
+
+class ScoreCache:
+    """A committed score set. Shards are read whole on first use and checked against their manifest checksum."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise LopdError(f"{self.path} holds no score set (no {MANIFEST}); create one with `lopd score`")
+        self.manifest: dict[str, Any] = read_json(manifest_path)
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise LopdError(f"score set {self.path} has format version {version}; this lopd reads version {FORMAT_VERSION}")
+        if not self.manifest.get("complete"):
+            raise LopdError(f"score set {self.path} is incomplete (scoring was interrupted); rerun the same `lopd score` to finish it")
+        self.verify = verify
+        self._shards: dict[str, dict[str, np.ndarray]] = {}
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["config"]["k"])
+
+    @cached_property
+    def rollouts(self) -> RolloutSet:
+        return RolloutSet.open((self.path / self.manifest["rollout_set"]["path"]).resolve())
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_rows"])
+
+    def shard_of(self, index: int) -> tuple[str, int]:
+        per = self.manifest["rows_per_shard"]
+        return f"{index // per:05d}", index % per
+
+    def shard(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self._shards:
+            entry = self.manifest["shards"].get(name)
+            shard_dir = self.path / "shards" / name
+            if entry is None or not shard_dir.is_dir():
+                raise LopdError(f"score set {self.id}: shard {name} is missing; rerun `lopd score` to regenerate it")
+            if self.verify and shard_checksum(shard_dir) != entry["checksum"]:
+                raise LopdError(f"score set {self.id}: shard {name} is corrupt (checksum mismatch); "
+                                f"run `lopd cache verify` and rescore it")
+            try:
+                self._shards[name] = read_shard(shard_dir)
+            except Exception as exc:  # zarr/codec errors on damaged bytes
+                raise LopdError(f"score set {self.id}: shard {name} cannot be read ({exc}); rescore it") from None
+        return self._shards[name]
+
+    def __getitem__(self, index: int) -> CachedSequence:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        name, local = self.shard_of(index)
+        arrays = self.shard(name)
+        lo, hi = arrays["offsets"][local], arrays["offsets"][local + 1]
+        r = self.rollouts
+        return CachedSequence(
+            index=index,
+            prompt_ids=r.prompt_ids[index],
+            response_ids=r.response_ids[index],
+            behaviour_logprobs=r.behaviour_logprobs[index],
+            reward=float(r.rewards[index]),
+            group_id=int(r.group_ids[index]),
+            teacher_logprobs=arrays["sampled_logprob"][lo:hi],
+            topk_ids=arrays["topk_ids"][lo:hi],
+            topk_logprobs=arrays["topk_logprobs"][lo:hi],
+            tail_logprob=arrays["tail_logprob"][lo:hi],
+        )
+
+
+def open_cache(path: str | Path, verify: bool = True) -> ScoreCache:
+    return ScoreCache(path, verify=verify)

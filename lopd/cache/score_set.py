@@ -1,0 +1,153 @@
+"""Writing a score set crash-safely: per-shard staging, atomic rename, and a manifest that is the commit record.
+
+Protocol (see storage/README.md):
+1. The first writer creates `manifest.json` with the score set's identity and an empty shard table.
+2. A writer takes a shard by holding `locks/<shard>.lock` (flock, non-blocking): one writer per shard,
+   so `--shard i/N` processes and accidental duplicates cooperate instead of corrupting each other.
+3. It writes the shard under `.staging/`, checksums it, renames it into `shards/`, then records it in the
+   manifest under `locks/manifest.lock`. A shard directory missing from the manifest is a crash leftover
+   and is rewritten. Killing a writer at any point loses at most the shards it had not committed.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from lopd.cache.layout import FORMAT_VERSION, shard_bytes, shard_checksum, write_shard
+from lopd.errors import LopdError
+from lopd.storage import read_json, write_json_atomic
+
+MANIFEST = "manifest.json"
+
+
+def scores_dir(root: Path) -> Path:
+    return root / "scores"
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+@contextmanager
+def _flock(path: Path, blocking: bool) -> Iterator[bool]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+
+class ScoreSetWriter:
+    """Creates or resumes the score set at `path` whose identity is `header` (must include `id`)."""
+
+    def __init__(self, path: Path, header: dict[str, Any], rows_per_shard: int):
+        self.path = Path(path)
+        self.rows_per_shard = rows_per_shard
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self._manifest_lock():
+            manifest_path = self.path / MANIFEST
+            if manifest_path.is_file():
+                existing = read_json(manifest_path)
+                if existing.get("id") != header["id"]:
+                    raise LopdError(
+                        f"{self.path} already holds a different score set ({existing.get('id')}); "
+                        f"choose another --out or remove it"
+                    )
+                self.rows_per_shard = existing["rows_per_shard"]
+            else:
+                foreign = [p for p in self.path.iterdir() if p.name not in ("locks", ".staging")]
+                if foreign:
+                    raise LopdError(f"{self.path} is not empty and holds no score set; choose another --out")
+                write_json_atomic(
+                    manifest_path,
+                    dict(header, format_version=FORMAT_VERSION, rows_per_shard=rows_per_shard, shards={},
+                         complete=False, created=time.time()),
+                )
+
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.path / MANIFEST)
+
+    def plan(self, num_rows: int, shard_of: tuple[int, int] = (0, 1)) -> list[ShardPlan]:
+        """Every shard of the set, or those assigned to worker i of N (`--shard i/N`: shard index % N == i)."""
+        worker, workers = shard_of
+        plans = []
+        for index, start in enumerate(range(0, num_rows, self.rows_per_shard)):
+            if index % workers == worker:
+                plans.append(ShardPlan(index, start, min(start + self.rows_per_shard, num_rows)))
+        return plans
+
+    def pending(self, plans: list[ShardPlan]) -> list[ShardPlan]:
+        done = self.manifest()["shards"]
+        return [p for p in plans if p.name not in done]
+
+    @contextmanager
+    def claim(self, plan: ShardPlan, wait: bool = False) -> Iterator[bool]:
+        """Hold the shard's lock; yields False when another writer holds it or it is already committed."""
+        with _flock(self.path / "locks" / f"{plan.name}.lock", blocking=wait) as got:
+            if got and plan.name in self.manifest()["shards"]:
+                got = False
+            if got:
+                shutil.rmtree(self.path / "shards" / plan.name, ignore_errors=True)  # crash leftover, if any
+            yield got
+
+    def commit(self, plan: ShardPlan, arrays: dict[str, np.ndarray], stats: dict[str, Any] | None = None) -> None:
+        """Stage, checksum, rename, record. Call only inside `claim(plan)` that yielded True."""
+        staging = self.path / ".staging" / f"{plan.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            write_shard(staging, arrays)
+            entry = {
+                "rows": [plan.start, plan.stop],
+                "positions": int(arrays["sampled_logprob"].shape[0]),
+                "checksum": shard_checksum(staging),
+                "bytes": shard_bytes(staging),
+                **(stats or {}),
+            }
+            final = self.path / "shards" / plan.name
+            final.parent.mkdir(exist_ok=True)
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with self._manifest_lock():
+            manifest = self.manifest()
+            manifest["shards"][plan.name] = entry
+            write_json_atomic(self.path / MANIFEST, manifest)
+
+    def finish(self, num_rows: int, **fields: Any) -> dict[str, Any]:
+        """Mark the set complete once every shard is committed; returns the manifest."""
+        with self._manifest_lock():
+            manifest = self.manifest()
+            expected = {p.name for p in self.plan(num_rows)}
+            if expected <= set(manifest["shards"]):
+                manifest.update(fields, complete=True, num_rows=num_rows)
+                write_json_atomic(self.path / MANIFEST, manifest)
+            return manifest
+
+    def _manifest_lock(self):
+        return _flock(self.path / "locks" / "manifest.lock", blocking=True)

@@ -1,0 +1,213 @@
+"""The `lopd` command line: a thin layer over the stage functions; every user error is one line and exit code 2."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from lopd.errors import LopdError
+from lopd.storage import resolve_root
+
+ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False), default=None,
+                           help="Storage root (default: $LOPD_ROOT, else storage/ of the checkout).")
+
+
+def emit(obj) -> None:
+    click.echo(json.dumps(obj, indent=1, default=str))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise LopdError(f"--shard expects i/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise LopdError(f"--shard {text}: need 0 <= i < N")
+    return i, n
+
+
+def parse_loss_args(items: tuple[str, ...]) -> dict[str, str]:
+    args = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LopdError(f"--loss-arg expects key=value, got {item!r}")
+        args[key.strip()] = value.strip()
+    return args
+
+
+def find_artifact(ref: str, root: Path, kind: str) -> Path:
+    """A path, or an id under <root>/<kind>/."""
+    path = Path(ref)
+    if path.exists():
+        return path
+    candidate = root / kind / ref
+    if candidate.exists():
+        return candidate
+    raise LopdError(f"{ref} is neither a path nor a known {kind[:-1]} id under {root / kind}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """lopd: offline on-policy distillation with a durable, shareable teacher cache."""
+
+
+@main.command()
+@click.option("--model", required=True, help="Model that generates (HF directory or hub name).")
+@click.option("--prompts", required=True, type=click.Path(), help="JSON Lines file with a `prompt` field per line.")
+@click.option("--n", default=1, show_default=True, help="Samples per prompt (one group per prompt).")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--max-tokens", default=32, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--verifier", default=None, help="Reward function module:function, e.g. lopd.toy.words:verify.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory (default: content-addressed under the root).")
+@ROOT_OPTION
+def rollout(model, prompts, n, temperature, top_p, max_tokens, seed, verifier, out, root):
+    """Generate rollouts with vLLM into a Parquet rollout set."""
+    from lopd.rollout import SamplingConfig, rollout as run
+
+    start = time.perf_counter()
+    sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    rollouts, reused = run(model, prompts, sampling, root=resolve_root(root), verifier=verifier, out=out)
+    emit({"rollout_set": rollouts.id, "path": rollouts.path, "rows": len(rollouts), "reused": reused,
+          "response_tokens": rollouts.meta["num_response_tokens"], "seconds": round(time.perf_counter() - start, 1)})
+
+
+@main.command()
+@click.option("--teacher", required=True, help="Scoring model (HF directory or hub name); must share the student's vocabulary.")
+@click.option("--rollouts", "rollouts_ref", required=True, help="Rollout set directory or id.")
+@click.option("--k", default=8, show_default=True, help="Teacher top-k stored per position.")
+@click.option("--logprob-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--max-batch-tokens", default=16384, show_default=True, help="Token budget per vLLM scoring call (bounds prompt-logprob memory).")
+@click.option("--rows-per-shard", default=1024, show_default=True)
+@click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Score only shards i, i+N, ... (i/N) for multi-node jobs.")
+@click.option("--out", type=click.Path(file_okay=False), default=None)
+@ROOT_OPTION
+def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, shard_spec, out, root):
+    """Score every rollout token once with the teacher (vLLM) into a Zarr v3 score set."""
+    from lopd.rollout_set import RolloutSet
+    from lopd.score import ScoreConfig, score as run
+
+    root = resolve_root(root)
+    rollouts = RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts"))
+    config = ScoreConfig(k=k, logprob_dtype=logprob_dtype, max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard)
+    result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec))
+    if result.reused:
+        click.echo(f"cache hit: score set {result.id} already holds these scores; no teacher work done", err=True)
+    emit({"score_set": result.id, "path": result.path, "reused": result.reused,
+          "teacher_seconds": round(result.teacher_seconds, 2), "positions": result.positions})
+
+
+@main.command()
+@click.option("--student", required=True, help="Model to train (HF directory or hub name).")
+@click.option("--cache", "cache_ref", default=None, help="Score set directory or id (OPD losses).")
+@click.option("--rollouts", "rollouts_ref", default=None, help="Rollout set directory or id (the sft loss).")
+@click.option("--loss", default="lightning", show_default=True, help="Registered loss; see `lopd losses`.")
+@click.option("--loss-arg", "loss_args", multiple=True, help="Loss hyperparameter key=value (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory.")
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, help="Sequences per optimizer step (global).")
+@click.option("--micro-batch-size", default=None, type=int)
+@click.option("--steps", default=None, type=int, help="Optimizer steps (default: --epochs passes).")
+@click.option("--epochs", default=1.0, show_default=True)
+@click.option("--warmup-steps", default=0, show_default=True)
+@click.option("--zero-stage", default=2, show_default=True, type=click.IntRange(0, 3))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--allow-teacher-mismatch", is_flag=True, help="Train OPD from a teacher other than the SFT data's teacher.")
+@ROOT_OPTION
+def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size, micro_batch_size, steps, epochs,
+          warmup_steps, zero_stage, seed, allow_teacher_mismatch, root):
+    """Train a student with DeepSpeed from a cache (or rollout set, for SFT)."""
+    from lopd.cache.reader import open_cache
+    from lopd.losses import get_loss
+    from lopd.rollout_set import RolloutSet
+    from lopd.train.trainer import TrainConfig, train as run
+
+    root = resolve_root(root)
+    get_loss(loss)
+    if (cache_ref is None) == (rollouts_ref is None):
+        raise LopdError("pass exactly one of --cache (a score set) or --rollouts (a rollout set, for --loss sft)")
+    source = (open_cache(find_artifact(cache_ref, root, "scores")) if cache_ref
+              else RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts")))
+    config = TrainConfig(loss=loss, loss_args=parse_loss_args(loss_args), lr=lr, batch_size=batch_size,
+                         micro_batch_size=micro_batch_size, steps=steps, epochs=epochs, warmup_steps=warmup_steps,
+                         zero_stage=zero_stage, seed=seed, allow_teacher_mismatch=allow_teacher_mismatch)
+    result = run(student, source, config, Path(out))
+    emit({"checkpoint": result.checkpoint, "steps": result.steps, "tokens": result.tokens,
+          "seconds": round(result.seconds, 1), "final": result.final_metrics})
+
+
+@main.command("eval")
+@click.option("--model", required=True)
+@click.option("--prompts", required=True, type=click.Path())
+@click.option("--verifier", default="lopd.toy.words:verify", show_default=True)
+@click.option("--n", default=1, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--max-tokens", default=32, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def eval_(model, prompts, verifier, n, temperature, max_tokens, seed):
+    """Accuracy of a model on a prompt set (vLLM sampling + verifier)."""
+    from lopd.evaluate import evaluate
+
+    emit(evaluate(model, prompts, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed).as_dict())
+
+
+@main.command()
+def losses():
+    """List registered losses, their papers, needs and defaults."""
+    from lopd.losses import REGISTRY
+
+    for spec in sorted(REGISTRY.values(), key=lambda s: s.name):
+        args = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "-"
+        click.echo(f"{spec.name:16s} {spec.paper:32s} needs: {', '.join(spec.needs) or '-':28s} args: {args}")
+
+
+@main.group()
+def toy():
+    """The bundled toy world (dictionary completion)."""
+
+
+@toy.command("prompts")
+@click.option("--split", type=click.Choice(["teacher", "sft", "opd", "eval", "test"]), required=True)
+@click.option("--n", default=500, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+def toy_prompts(split, n, out):
+    """Write a split of toy prompts as JSON Lines."""
+    from lopd.toy import words
+
+    click.echo(words.write_prompts_jsonl(words.make_prompts(split, n), out))
+
+
+@main.command()
+@click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds (one full pipeline each).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Results directory (default: <root>/demo).")
+@click.option("--quick", is_flag=True, help="A much smaller run (for smoke tests; numbers are not meaningful).")
+@ROOT_OPTION
+def demo(seeds, out, quick, root):
+    """Lightning OPD on the bundled toy models, end to end, with SFT-more and online-OPD baselines."""
+    from lopd.demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick() if quick else DemoConfig()
+    root = resolve_root(root)
+    run_demo(config, seeds=[int(s) for s in seeds.split(",")], root=root, out=Path(out) if out else root / "demo")
+
+
+def run() -> None:
+    try:
+        main(standalone_mode=False)
+    except LopdError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,204 @@
+"""Append-only cost ledger: one SQLite row per stage run, at `<root>/ledger.sqlite`.
+
+Stages of many experiments run as separate processes against one storage root, so the ledger must
+take concurrent appends without losing rows: SQLite in WAL mode with a busy timeout, and every row
+is a single INSERT in its own (autocommit) transaction. Rows are never updated or deleted; views of
+cost (amortisation, reports) are computed from the rows on read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from lopd.errors import LopdError
+from lopd.storage import resolve_root
+
+LEDGER_NAME = "ledger.sqlite"
+BUSY_TIMEOUT_S = 60.0
+
+# Column name -> SQL type, in table order. `inputs` and `extra` hold JSON text.
+COLUMNS: dict[str, str] = {
+    "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "experiment": "TEXT NOT NULL",
+    "method": "TEXT NOT NULL",
+    "stage": "TEXT NOT NULL",
+    "artifact": "TEXT NOT NULL",
+    "inputs": "TEXT NOT NULL",
+    "started_at": "REAL NOT NULL",
+    "ended_at": "REAL NOT NULL",
+    "wall_seconds": "REAL NOT NULL",
+    "device_kind": "TEXT NOT NULL",
+    "device_count": "INTEGER NOT NULL",
+    "device_seconds": "REAL NOT NULL",
+    "tokens": "INTEGER NOT NULL",
+    "cache_hit": "INTEGER NOT NULL",
+    "extra": "TEXT NOT NULL",
+}
+_SCHEMA = f"CREATE TABLE IF NOT EXISTS stages ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})"
+_DATA_COLUMNS = tuple(c for c in COLUMNS if c != "id")
+_INSERT = f"INSERT INTO stages ({', '.join(_DATA_COLUMNS)}) VALUES ({', '.join('?' * len(_DATA_COLUMNS))})"
+
+
+def ledger_path(root: str | os.PathLike | None) -> Path:
+    return resolve_root(root) / LEDGER_NAME
+
+
+@lru_cache(maxsize=1)
+def detect_devices() -> tuple[str, int]:
+    """`("cuda:<GPU name>", visible GPUs)`, else `("cpu", cores this process may run on)`.
+
+    Called after a stage's work, never before: `get_device_name` initialises CUDA in this process,
+    which must not happen before vLLM decides how to start its workers. Memoised, since the devices
+    of a process do not change.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}", torch.cuda.device_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return "cpu", cores or torch.get_num_threads()
+
+
+@contextmanager
+def _connect(path: Path) -> Iterator[sqlite3.Connection]:
+    # isolation_level=None: autocommit, so each INSERT is its own transaction and no lock is held
+    # between statements.
+    with closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as con:
+        con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        con.execute("PRAGMA journal_mode = WAL")
+        con.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives process crashes
+        con.execute(_SCHEMA)
+        yield con
+
+
+def _normalise(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill defaults and derived fields of an explicit row; reject what would corrupt the ledger."""
+    unknown = sorted(set(row) - set(_DATA_COLUMNS))
+    if unknown:
+        raise LopdError(f"unknown ledger field {unknown[0]!r}; fields are {', '.join(_DATA_COLUMNS)}")
+    for key in ("experiment", "stage"):
+        if not isinstance(row.get(key), str) or not row[key]:
+            raise LopdError(f"ledger row needs a non-empty {key!r} string")
+    raw_inputs = row.get("inputs", ())
+    inputs = [] if isinstance(raw_inputs, str) else list(raw_inputs)
+    if isinstance(raw_inputs, str) or not all(isinstance(i, str) for i in inputs):
+        raise LopdError(f"ledger field 'inputs' must be a list of artifact ids, got {raw_inputs!r}")
+    if "device_kind" not in row or "device_count" not in row:
+        row = {**dict(zip(("device_kind", "device_count"), detect_devices())), **row}
+
+    ended_at = float(row.get("ended_at", time.time()))
+    default_wall = ended_at - float(row["started_at"]) if "started_at" in row else 0.0
+    wall = float(row.get("wall_seconds", default_wall))
+    kind, count = str(row["device_kind"]), int(row["device_count"])
+    cache_hit = bool(row.get("cache_hit", False))
+    # A cache hit produced nothing new, whatever the reuse itself took.
+    device_seconds = 0.0 if cache_hit else float(row.get("device_seconds", wall * count))
+    tokens = int(row.get("tokens", 0))
+    if min(wall, device_seconds, tokens, count) < 0:
+        raise LopdError("ledger row has a negative wall_seconds, device_seconds, device_count or tokens")
+    return {
+        "experiment": row["experiment"],
+        "method": str(row.get("method", "")),
+        "stage": row["stage"],
+        "artifact": str(row.get("artifact", "")),
+        "inputs": inputs,
+        "started_at": float(row.get("started_at", ended_at - wall)),
+        "ended_at": ended_at,
+        "wall_seconds": wall,
+        "device_kind": kind,
+        "device_count": count,
+        "device_seconds": device_seconds,
+        "tokens": tokens,
+        "cache_hit": cache_hit,
+        "extra": dict(row.get("extra") or {}),
+    }
+
+
+def append_row(root: str | os.PathLike | None, row: Mapping[str, Any]) -> dict[str, Any]:
+    """Append one row and return it as stored (with its `id`).
+
+    Required: `experiment`, `stage`. Missing times default to "ended now"; missing devices to
+    `detect_devices()`; missing `device_seconds` to wall x device_count (always 0 on a cache hit).
+    """
+    stored = _normalise(row)
+    values = [stored[c] for c in _DATA_COLUMNS]
+    values[_DATA_COLUMNS.index("inputs")] = json.dumps(stored["inputs"])
+    values[_DATA_COLUMNS.index("extra")] = json.dumps(stored["extra"], sort_keys=True, default=str)
+    values[_DATA_COLUMNS.index("cache_hit")] = int(stored["cache_hit"])
+    with _connect(ledger_path(root)) as con:
+        stored["id"] = con.execute(_INSERT, values).lastrowid
+    return stored
+
+
+def read_rows(root: str | os.PathLike | None) -> list[dict[str, Any]]:
+    """Every row in append order; `[]` when the root has no ledger (reading never creates one)."""
+    path = ledger_path(root)
+    if not path.is_file():
+        return []
+    with _connect(path) as con:
+        cursor = con.execute(f"SELECT {', '.join(COLUMNS)} FROM stages ORDER BY id")
+        rows = [dict(zip(COLUMNS, values)) for values in cursor]
+    for row in rows:
+        row["inputs"] = json.loads(row["inputs"])
+        row["extra"] = json.loads(row["extra"])
+        row["cache_hit"] = bool(row["cache_hit"])
+    return rows
+
+
+@dataclass
+class StageRecord:
+    """What a stage learns while it runs; set attributes inside `record_stage`'s block.
+
+    `device_kind`/`device_count` left as None are detected on exit. Set `device_count` when the
+    stage uses fewer devices than the process sees, and record from one rank only under DeepSpeed
+    (with `device_count` = world size), or the cost is counted once per rank.
+    """
+
+    experiment: str
+    stage: str
+    method: str = ""
+    artifact: str = ""
+    inputs: list[str] = field(default_factory=list)
+    tokens: int = 0
+    cache_hit: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    device_kind: str | None = None
+    device_count: int | None = None
+
+
+@contextmanager
+def record_stage(
+    root: str | os.PathLike | None,
+    *,
+    experiment: str,
+    stage: str,
+    method: str = "",
+    artifact: str = "",
+    inputs: Iterable[str] = (),
+    tokens: int = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> Iterator[StageRecord]:
+    """Time the block and append its row on exit.
+
+    A block that raises is still recorded, with `extra["failed"] = True` and `extra["error"]` the
+    exception type, because its device time was spent; amortisation charges it to the experiment
+    like any other row. The exception is re-raised unchanged.
+    """
+    record = StageRecord(experiment, stage, method, artifact, list(inputs), tokens, extra=dict(extra or {}))
+    started_at, start = time.time(), time.perf_counter()
+    try:
+        yield record
+    except BaseException as exc:
+        record.extra.update(failed=True, error=type(exc).__name__)
+        raise
+    finally:
+        wall = time.perf_counter() - start
+        row = {k: v for k, v in vars(record).items() if v is not None}
+        append_row(root, {**row, "started_at": started_at, "ended_at": started_at + wall, "wall_seconds": wall})

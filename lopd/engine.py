@@ -1,0 +1,114 @@
+"""Building vLLM engines with the checks that turn engine crashes into one-line errors.
+
+vLLM kills its engine core on some bad requests (k above the vocabulary, an unsupported CPU head size);
+everything checkable is checked here, before the engine starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lopd.errors import LopdError
+
+# vLLM's CPU attention kernel supports only these head sizes (CPUAttentionBackend.get_supported_head_sizes).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def resolve_model(model: str | os.PathLike) -> str:
+    """A local model directory, or a hub name left for vLLM/transformers to resolve."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LopdError(f"model path {text} has no config.json; pass a Hugging Face model directory or hub name")
+        return str(path.resolve())
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text and text.count("/") != 1
+    if looks_local or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise LopdError(f"model path {text} does not exist; pass a Hugging Face model directory or hub name")
+    return text
+
+
+def model_config(model: str) -> dict[str, Any]:
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model).to_dict()
+
+
+def head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def vocab_size(config: dict[str, Any]) -> int:
+    return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+
+
+def check_cpu_head_dim(model: str, config: dict[str, Any]) -> None:
+    dim = head_dim(config)
+    if dim not in CPU_HEAD_SIZES:
+        raise LopdError(
+            f"model {model} has head_dim={dim}, which vLLM's CPU attention does not support; "
+            f"use a model whose head_dim is one of {CPU_HEAD_SIZES} (hidden_size / num_attention_heads)"
+        )
+
+
+def check_k(k: int, config: dict[str, Any], max_logprobs: int | None = None) -> None:
+    vocab = vocab_size(config)
+    if k < 0:
+        raise LopdError(f"--k must be >= 0, got {k}")
+    if k > vocab:
+        raise LopdError(f"--k {k} is larger than the teacher vocabulary ({vocab}); use --k <= {vocab}")
+    if max_logprobs is not None and k > max_logprobs:
+        raise LopdError(f"--k {k} is larger than the engine's max_logprobs ({max_logprobs}); raise --max-logprobs or lower --k")
+
+
+def build_llm(
+    model: str,
+    *,
+    max_logprobs: int = 20,
+    max_model_len: int | None = None,
+    seed: int = 0,
+    dtype: str = "auto",
+    max_num_batched_tokens: int | None = None,
+    extra: dict[str, Any] | None = None,
+):
+    """A vLLM `LLM` for generation or scoring. Callers must run under `if __name__ == "__main__":`."""
+    model = resolve_model(model)
+    config = model_config(model)
+    cpu = on_cpu()
+    if cpu:
+        check_cpu_head_dim(model, config)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if dtype == "auto":
+            dtype = "float32" if config.get("torch_dtype", config.get("dtype")) in (None, "float32") else "bfloat16"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        dtype=dtype,
+        seed=seed,
+        max_logprobs=max(max_logprobs, 1),
+        enforce_eager=cpu,
+        max_model_len=max_model_len or min(int(config.get("max_position_embeddings", 4096)), 8192),
+    )
+    if max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+    kwargs.update(extra or {})
+    return LLM(**kwargs)
+
+
+def reload_weights(llm, model_dir: str | Path) -> None:
+    """Swap the weights of a running engine for a checkpoint of the same architecture (no restart)."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+    llm.reset_prefix_cache()

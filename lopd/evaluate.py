@@ -1,0 +1,60 @@
+"""`lopd eval`: a model's accuracy on a prompt set under a verifier, sampled with vLLM."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lopd.engine import build_llm, reload_weights, resolve_model
+from lopd.errors import LopdError
+from lopd.prompts import load_prompts
+from lopd.rollout import encode_prompts, load_tokenizer
+from lopd.verifier import load_verifier
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # mean verifier reward over every sample
+    distinct_correct: int  # distinct correct responses: diversity of what the model gets right
+    samples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"accuracy": round(self.accuracy, 4), "distinct_correct": self.distinct_correct, "samples": self.samples}
+
+
+def evaluate(
+    model: str,
+    prompts: str | Path | list[dict[str, Any]],
+    verifier: str,
+    *,
+    n: int = 1,
+    temperature: float = 1.0,
+    max_tokens: int = 32,
+    seed: int = 0,
+    llm=None,
+    swap_weights: bool = False,
+) -> EvalResult:
+    """Sample `n` responses per prompt and score them; `llm` + `swap_weights` reuses a running engine of the same architecture."""
+    from vllm import SamplingParams
+
+    model = resolve_model(model)
+    verify = load_verifier(verifier)
+    if verify is None:
+        raise LopdError("eval needs a verifier: pass --verifier module:function")
+    rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
+    tokenizer = load_tokenizer(model)
+    engine = llm or build_llm(model, seed=seed)
+    if llm is not None and swap_weights:
+        reload_weights(engine, model)
+    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in encode_prompts(tokenizer, rows)], params, use_tqdm=False)
+    total, correct = 0.0, set()
+    for row, request in zip(rows, outputs):
+        for completion in request.outputs:
+            text = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            reward = float(verify(row, text))
+            total += reward
+            if reward > 0:
+                correct.add((row["prompt"], text))
+    samples = len(rows) * n
+    return EvalResult(total / samples, len(correct), samples)

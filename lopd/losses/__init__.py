@@ -1,0 +1,13 @@
+"""Registered xOPD losses. Importing this package registers every loss module."""
+from lopd.losses import distill, divergence, hybrid, policy_gradient  # noqa: F401  (registers)
+from lopd.losses.base import (
+    REGISTRY,
+    LossInputs,
+    LossOutput,
+    LossSpec,
+    describe_losses,
+    get_loss,
+    register_loss,
+)
+
+__all__ = ["REGISTRY", "LossInputs", "LossOutput", "LossSpec", "describe_losses", "get_loss", "register_loss"]

@@ -1,0 +1,119 @@
+"""`lopd rollout`: a model generates n samples per prompt with vLLM; tokens, behaviour log-probs and rewards go to Parquet.
+
+Behaviour log-probs are the engine's raw log-probs of each sampled token (before temperature), i.e. log pi(y_t)
+of the model itself, so importance weights pi_theta / pi_behaviour start at exactly 1 for the same weights.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lopd.engine import build_llm, resolve_model
+from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint
+from lopd.lineage import read_lineage
+from lopd.prompts import load_prompts
+from lopd.rollout_set import RolloutSet, rollouts_dir, write_rollout_set
+from lopd.verifier import load_verifier
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 32
+    seed: int = 0
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+def encode_prompts(tokenizer, rows: list[dict[str, Any]]) -> list[list[int]]:
+    return [tokenizer(r["prompt"])["input_ids"] for r in rows]
+
+
+def rollout(
+    model: str,
+    prompts: str | Path | list[dict[str, Any]],
+    sampling: SamplingConfig,
+    *,
+    root: Path,
+    verifier: str | None = None,
+    out: Path | None = None,
+    llm=None,
+    quiet: bool = False,
+) -> tuple[RolloutSet, bool]:
+    """Generate (or find already generated) rollouts. Returns the set and whether it was reused."""
+    model = resolve_model(model)
+    rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
+    tokenizer = load_tokenizer(model)
+    prompt_ids = encode_prompts(tokenizer, rows)
+    identity = {
+        "kind": "rollouts",
+        "model_fingerprint": model_fingerprint(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "sampling": asdict(sampling),
+        "prompts": digest_json([[r["id"], ids, r.get("answer")] for r, ids in zip(rows, prompt_ids)]),
+        "verifier": verifier or "",
+    }
+    set_id = "r-" + digest_json(identity)
+    path = Path(out) if out else rollouts_dir(root) / set_id
+    if (path / "meta.json").is_file():
+        existing = RolloutSet.open(path)
+        if existing.id == set_id:
+            return existing, True
+    verify = load_verifier(verifier)
+
+    from vllm import SamplingParams
+
+    engine = llm or build_llm(model, seed=sampling.seed)
+    params = SamplingParams(
+        n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+        logprobs=0, flat_logprobs=True,
+    )
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=not quiet)
+
+    records = []
+    for group_id, (row, ids, request) in enumerate(zip(rows, prompt_ids, outputs)):
+        for sample_index, completion in enumerate(request.outputs):
+            response = list(completion.token_ids)
+            text = tokenizer.decode(response, skip_special_tokens=True)
+            records.append(
+                {
+                    "prompt_id": row["id"],
+                    "group_id": group_id,
+                    "sample_index": sample_index,
+                    "prompt": row["prompt"],
+                    "answer": None if row.get("answer") is None else str(row["answer"]),
+                    "prompt_ids": ids,
+                    "response_ids": response,
+                    "behaviour_logprobs": sampled_logprobs(completion.logprobs, response),
+                    "finish_reason": str(completion.finish_reason),
+                    "reward": None if verify is None else float(verify(row, text)),
+                }
+            )
+    meta = dict(identity, id=set_id, model=model, lineage=read_lineage(model), engine=engine_version())
+    return write_rollout_set(path, records, meta), False
+
+
+def sampled_logprobs(logprobs, response: list[int]) -> list[float]:
+    """The log-prob of each sampled token from vLLM's flat logprobs (entry 0 of each position is the sampled token)."""
+    starts = logprobs.start_indices
+    values = logprobs.logprobs
+    ids = logprobs.token_ids
+    out = []
+    for pos, token in enumerate(response):
+        i = starts[pos]
+        assert ids[i] == token, "vLLM flat logprobs: first entry of a position is not the sampled token"
+        out.append(values[i])
+    return out
+
+
+def engine_version() -> str:
+    import vllm
+
+    return f"vllm-{vllm.__version__}"

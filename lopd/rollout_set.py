@@ -1,0 +1,126 @@
+"""Rollout sets on disk: one Parquet table plus `meta.json`, committed by an atomic directory rename.
+
+Row i of the table is sequence i of every score set attached to the rollout set; nothing is ever
+re-tokenised after rollout, so the token ids stored here are exactly what teachers score and students train on.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lopd.errors import LopdError
+from lopd.fingerprint import file_digest
+from lopd.storage import read_json, write_json_atomic
+
+TABLE = "rollouts.parquet"
+META = "meta.json"
+
+SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("group_id", pa.int64()),
+        ("sample_index", pa.int32()),
+        ("prompt", pa.string()),
+        ("answer", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("response_ids", pa.list_(pa.int32())),
+        ("behaviour_logprobs", pa.list_(pa.float32())),
+        ("finish_reason", pa.string()),
+        ("reward", pa.float32()),
+    ]
+)
+
+
+def rollouts_dir(root: Path) -> Path:
+    return root / "rollouts"
+
+
+@dataclass
+class RolloutSet:
+    """A committed rollout set; columns are read lazily and kept in memory once read."""
+
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RolloutSet":
+        path = Path(path)
+        if not (path / META).is_file() or not (path / TABLE).is_file():
+            raise LopdError(f"{path} is not a rollout set (expected {TABLE} and {META}); create one with `lopd rollout`")
+        return cls(path)
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        return read_json(self.path / META)
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @cached_property
+    def table(self) -> pa.Table:
+        return pq.read_table(self.path / TABLE)
+
+    def __len__(self) -> int:
+        return self.meta["num_rows"]
+
+    @cached_property
+    def prompt_ids(self) -> list[np.ndarray]:
+        return _list_column(self.table, "prompt_ids", np.int64)
+
+    @cached_property
+    def response_ids(self) -> list[np.ndarray]:
+        return _list_column(self.table, "response_ids", np.int64)
+
+    @cached_property
+    def behaviour_logprobs(self) -> list[np.ndarray]:
+        return _list_column(self.table, "behaviour_logprobs", np.float32)
+
+    @cached_property
+    def rewards(self) -> np.ndarray:
+        return self.table.column("reward").to_numpy(zero_copy_only=False).astype(np.float32)
+
+    @cached_property
+    def group_ids(self) -> np.ndarray:
+        return self.table.column("group_id").to_numpy()
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.table.to_pylist()
+
+
+def _list_column(table: pa.Table, name: str, dtype) -> list[np.ndarray]:
+    """Split a list<...> column into per-row numpy arrays via its flat values and offsets (no Python loop per value)."""
+    col = table.column(name).combine_chunks()
+    values = col.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    offsets = col.offsets.to_numpy()
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(col))]
+
+
+def write_rollout_set(path: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> RolloutSet:
+    """Stage the table and meta in a sibling temp dir, then rename: a reader sees all of it or nothing."""
+    if (path / META).is_file():
+        raise LopdError(f"{path} already holds a rollout set; remove it or choose another --out")
+    staging = path.parent / f".staging-{path.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        table = pa.Table.from_pylist(records, schema=SCHEMA)
+        pq.write_table(table, staging / TABLE, compression="zstd")
+        lengths = [len(r["response_ids"]) for r in records]
+        meta = dict(meta, num_rows=len(records), num_response_tokens=int(sum(lengths)), created=time.time(),
+                    content_digest=file_digest(staging / TABLE))
+        write_json_atomic(staging / META, meta)
+        if path.exists():
+            path.rmdir()  # an empty directory left by the user; refuses anything else
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return RolloutSet(path)

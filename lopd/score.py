@@ -1,0 +1,202 @@
+"""`lopd score`: a teacher scores every stored rollout token once with vLLM; the signal goes to a score set.
+
+For each response position the teacher's log-prob of the sampled token (even outside the top-k), its top-k
+ids and log-probs, and the log of the remaining tail mass are stored. Scoring asks vLLM for prompt
+log-probs over the exact stored token ids (`max_tokens=1`), with flat log-probs and no detokenisation
+(12x faster at k=32 than vLLM's defaults), in batches bounded by a token budget so prompt-logprob memory
+stays bounded.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
+from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, scores_dir
+from lopd.engine import build_llm, check_k, model_config, resolve_model, vocab_size
+from lopd.errors import LopdError
+from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint
+from lopd.rollout import engine_version, load_tokenizer
+from lopd.rollout_set import RolloutSet
+from lopd.storage import read_json
+
+LOGPROB_FLOOR = -1e4  # keeps float16 finite; any log-prob below it is "impossible" for every loss
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    k: int = 8
+    logprob_dtype: str = "float16"
+    max_batch_tokens: int = 16384
+    rows_per_shard: int = 1024
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise LopdError(f"--k must be at least 1 (top-k ids are part of every score set), got {self.k}")
+        if self.logprob_dtype not in LOGPROB_DTYPES:
+            raise LopdError(f"--logprob-dtype must be one of {LOGPROB_DTYPES}, got {self.logprob_dtype!r}")
+
+
+@dataclass
+class ScoreResult:
+    path: Path
+    id: str
+    reused: bool
+    teacher_seconds: float
+    positions: int
+
+
+def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
+    if tokenizer_fingerprint(teacher_tokenizer) == rollouts.meta["tokenizer_fingerprint"]:
+        return
+    student_tokenizer = load_tokenizer(rollouts.meta["model"])
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise LopdError(
+            "teacher and student tokenizers have different vocabularies; cross-tokenizer distillation is not "
+            "supported yet: use a teacher that shares the student's tokenizer"
+        )
+
+
+def score(
+    teacher: str,
+    rollouts: RolloutSet,
+    config: ScoreConfig,
+    *,
+    root: Path,
+    out: Path | None = None,
+    shard_of: tuple[int, int] = (0, 1),
+    llm=None,
+    quiet: bool = False,
+) -> ScoreResult:
+    config.validate()
+    teacher = resolve_model(teacher)
+    teacher_config = model_config(teacher)
+    check_k(config.k, teacher_config, max_logprobs=llm.llm_engine.model_config.max_logprobs if llm else None)
+    tokenizer = load_tokenizer(teacher)
+    check_same_vocabulary(tokenizer, rollouts)
+    vocab = vocab_size(teacher_config)
+
+    header = {
+        "kind": "score_set",
+        "rollout_set": {"id": rollouts.id, "content_digest": rollouts.meta["content_digest"]},
+        "teacher": {"model": teacher, "fingerprint": model_fingerprint(teacher), "lineage_of": None},
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "config": {"k": config.k, "temperature": 1.0, "logprob_dtype": config.logprob_dtype,
+                   "engine": engine_version(), "context": None},
+    }
+    set_id = "s-" + digest_json(header)
+    path = Path(out) if out else scores_dir(root) / set_id
+    manifest_path = path / MANIFEST
+    if manifest_path.is_file():
+        existing = read_json(manifest_path)
+        if existing.get("id") == set_id and existing.get("complete"):
+            return ScoreResult(path, set_id, True, 0.0, sum(s["positions"] for s in existing["shards"].values()))
+
+    rollout_path = Path(rollouts.path).resolve()
+    header = dict(header, id=set_id, vocab_size=vocab, id_dtype=str(id_dtype(vocab)), num_rows=len(rollouts))
+    header["rollout_set"]["path"] = _relative(rollout_path, path.resolve())
+    writer = ScoreSetWriter(path, header, rows_per_shard=config.rows_per_shard)
+    plans = writer.plan(len(rollouts), shard_of)
+
+    engine = llm or build_llm(teacher, max_logprobs=config.k)
+    check_k(config.k, teacher_config, max_logprobs=engine.llm_engine.model_config.max_logprobs)
+    todo = writer.pending(plans)
+    total = sum(len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i])
+                for p in todo for i in range(p.start, p.stop))
+    teacher_seconds = 0.0
+    positions = 0
+    with tqdm(total=total, unit="tok", desc=f"score {set_id}", disable=quiet or not todo) as bar:
+        # First pass: shards nobody else holds. Second pass waits for shards another writer held, and
+        # takes over any that writer left unfinished (e.g. it was killed).
+        for wait in (False, True):
+            for plan in writer.pending(plans):
+                with writer.claim(plan, wait=wait) as mine:
+                    if not mine:
+                        continue
+                    start = time.perf_counter()
+                    arrays = score_rows(engine, rollouts, plan, config, id_dtype(vocab), bar)
+                    seconds = time.perf_counter() - start
+                    writer.commit(plan, arrays, {"teacher_seconds": round(seconds, 3)})
+                    teacher_seconds += seconds
+                    positions += int(arrays["sampled_logprob"].shape[0])
+    manifest = writer.finish(len(rollouts))
+    if not manifest.get("complete") and shard_of == (0, 1):
+        raise LopdError(f"score set {set_id} is still incomplete after scoring; rerun the same command")
+    return ScoreResult(path, set_id, False, teacher_seconds, positions)
+
+
+def _relative(target: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(target, start)
+
+
+def token_budget_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Consecutive row indices whose summed lengths stay within `budget` (a longer row goes alone)."""
+    batch: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if batch and used + n > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(i)
+        used += n
+    if batch:
+        yield batch
+
+
+def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfig, ids_dtype, bar) -> dict[str, np.ndarray]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=config.k, flat_logprobs=True, detokenize=False)
+    rows = list(range(plan.start, plan.stop))
+    sequences = [np.concatenate([rollouts.prompt_ids[i], rollouts.response_ids[i]]) for i in rows]
+    prompt_lens = [len(rollouts.prompt_ids[i]) for i in rows]
+    sampled, top_ids, top_lps = [], [], []
+    for batch in token_budget_batches([len(s) for s in sequences], config.max_batch_tokens):
+        outputs = engine.generate(
+            [{"prompt_token_ids": sequences[j].tolist()} for j in batch], params, use_tqdm=False
+        )
+        for j, output in zip(batch, outputs):
+            s, ids, lps = unpack_prompt_logprobs(output.prompt_logprobs, prompt_lens[j], len(sequences[j]), config.k)
+            if not np.array_equal(ids[:, 0], sequences[j][prompt_lens[j]:]):
+                raise LopdError("vLLM returned prompt log-probs for different tokens than the stored ones")
+            sampled.append(s)
+            top_ids.append(ids[:, 1:])
+            top_lps.append(lps)
+            bar.update(len(sequences[j]))
+    lengths = [len(s) for s in sampled]
+    topk_lp = np.concatenate(top_lps) if top_lps else np.zeros((0, config.k), np.float32)
+    tail = np.log(np.clip(1.0 - np.exp(topk_lp.astype(np.float64)).sum(-1), 1e-12, 1.0))
+    dtype = np.dtype(config.logprob_dtype)
+    return {
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "sampled_logprob": _store(np.concatenate(sampled) if sampled else np.zeros(0), dtype),
+        "topk_ids": (np.concatenate(top_ids) if top_ids else np.zeros((0, config.k))).astype(ids_dtype),
+        "topk_logprobs": _store(topk_lp, dtype),
+        "tail_logprob": _store(tail, dtype),
+    }
+
+
+def _store(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return np.maximum(values, LOGPROB_FLOOR).astype(dtype)
+
+
+def unpack_prompt_logprobs(flat, prompt_len: int, seq_len: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Response rows of vLLM FlatLogprobs: each position holds k+1 entries, the actual token first, then the top-k.
+
+    Returns sampled-token log-probs [T], ids [T, k+1] (column 0 = actual token) and top-k log-probs [T, k].
+    """
+    first = flat.start_indices[prompt_len]
+    last = flat.end_indices[seq_len - 1]
+    n = seq_len - prompt_len
+    if last - first != n * (k + 1):
+        raise LopdError(f"vLLM returned {last - first} log-prob entries for {n} positions at k={k}; expected {n * (k + 1)}")
+    ids = np.asarray(flat.token_ids[first:last], dtype=np.int64).reshape(n, k + 1)
+    lps = np.asarray(flat.logprobs[first:last], dtype=np.float32).reshape(n, k + 1)
+    return lps[:, 0], ids, lps[:, 1:]

@@ -1,0 +1,10 @@
+"""The bundled toy world: a task with a verifier, a character tokenizer and two small Qwen2 models.
+
+Nothing else in lopd depends on it except defaults: every stage takes any Hugging Face model path.
+"""
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_DIR = ASSETS / "tokenizer"
+TEACHER_DIR = ASSETS / "teacher"
+STUDENT_BASE_DIR = ASSETS / "student_base"

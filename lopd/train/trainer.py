@@ -1,0 +1,229 @@
+"""`lopd train`: DeepSpeed training of a student from cached rollouts and teacher signals with a registered loss.
+
+One loop serves every loss: batches come from the cache (offline) or from a live sampler (the online
+baseline); the loss is a pure function of response-aligned tensors (lopd.losses). The student's own
+log-prob of each cached token is compared with the behaviour log-prob recorded at rollout time, so the
+metrics show how far the student has drifted from the policy that produced the cache.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from lopd.cache.reader import ScoreCache
+from lopd.engine import resolve_model
+from lopd.errors import LopdError
+from lopd.fingerprint import model_fingerprint
+from lopd.lineage import read_lineage, write_lineage
+from lopd.losses import get_loss
+from lopd.losses.base import LossSpec, masked_mean, token_logprobs
+from lopd.rollout_set import RolloutSet
+from lopd.train import distributed
+from lopd.train.data import Batch, SequenceDataset, collate
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss: str = "lightning"
+    loss_args: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    batch_size: int = 64  # sequences per optimizer step, across all ranks
+    micro_batch_size: int | None = None  # per rank; default = batch_size / world size
+    steps: int | None = None  # default: `epochs` passes over the data
+    epochs: float = 1.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    zero_stage: int = 2
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 10
+    allow_teacher_mismatch: bool = False
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    tokens: int
+    seconds: float
+    final_metrics: dict[str, float]
+
+
+def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
+    micro = config.micro_batch_size or max(1, config.batch_size // world)
+    if config.batch_size % (micro * world):
+        raise LopdError(f"--batch-size {config.batch_size} is not a multiple of micro batch {micro} x {world} ranks")
+    return {
+        "train_batch_size": config.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": config.batch_size // (micro * world),
+        "gradient_clipping": config.max_grad_norm,
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": config.bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def check_teacher_consistency(student: str, cache: ScoreCache, allow: bool) -> None:
+    """Lightning OPD is unbiased only if the teacher that scores is the one that wrote the student's SFT data."""
+    sft_teacher = read_lineage(student).get("sft_data_model")
+    scorer = cache.manifest["teacher"]["fingerprint"]
+    if sft_teacher and sft_teacher != scorer and not allow:
+        raise LopdError(
+            f"the cache's teacher ({scorer}) is not the model that produced this student's SFT data ({sft_teacher}); "
+            "offline OPD assumes teacher consistency (arXiv 2604.13010): score with the SFT teacher, "
+            "or pass --allow-teacher-mismatch"
+        )
+
+
+def offline_batches(source: ScoreCache | RolloutSet, config: TrainConfig, micro: int, pad_id: int) -> Iterator[Batch]:
+    """Shuffled micro-batches over the cache, epoch after epoch, each rank seeing its own slice."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset = SequenceDataset(source)
+    sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                 shuffle=True, seed=config.seed, drop_last=False)
+    loader = DataLoader(dataset, batch_size=micro, sampler=sampler, collate_fn=partial(collate, pad_id=pad_id))
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def steps_for(config: TrainConfig, num_rows: int) -> int:
+    return config.steps or max(1, math.ceil(config.epochs * num_rows / config.batch_size))
+
+
+def train(
+    student: str,
+    source: ScoreCache | RolloutSet | None,
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    batches: Callable[[torch.nn.Module], Iterator[Batch]] | None = None,
+    quiet: bool = False,
+    metrics_extra: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train `student` on `source`, or on `batches(model)` from a live sampler, and save a HF checkpoint to `out_dir`."""
+    student = resolve_model(student)
+    spec: LossSpec = get_loss(config.loss)
+    loss_args = spec.resolve_args(config.loss_args)
+    if isinstance(source, ScoreCache):
+        check_teacher_consistency(student, source, config.allow_teacher_mismatch)
+    if source is not None:
+        available = {"behaviour_logprobs", "rewards", "group_ids"}
+        if isinstance(source, ScoreCache):
+            available |= {"teacher_logprobs", "topk"}
+        spec.check_inputs(available)
+
+    deepspeed = distributed.init_process_group()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    ds_config = deepspeed_config(config, distributed.world_size())
+    total_steps = steps_for(config, len(source)) if source is not None else (config.steps or 1)
+    warmup = max(config.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    accumulation = ds_config["gradient_accumulation_steps"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stream = batches(engine.module) if batches is not None else offline_batches(source, config, micro, pad_id)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    is_main = distributed.rank() == 0
+    metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
+    start = time.perf_counter()
+    tokens_seen = 0
+    window: dict[str, list[float]] = {}
+    last: dict[str, float] = {}
+    engine.train()
+    bar = tqdm(total=total_steps, desc=f"train {config.loss}", unit="step", disable=quiet or not is_main)
+    for step in range(1, total_steps + 1):
+        for _ in range(accumulation):
+            batch = next(stream)
+            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            inputs = batch.loss_inputs(logits)
+            out = spec.fn(inputs, **loss_args)
+            engine.backward(out.loss)
+            engine.step()
+            tokens_seen += batch.num_tokens
+            for key, value in {"loss": out.loss.item(), **out.metrics, **drift_metrics(inputs)}.items():
+                window.setdefault(key, []).append(value)
+        if step % config.log_every == 0 or step == total_steps:
+            elapsed = time.perf_counter() - start
+            last = {k: sum(v) / len(v) for k, v in window.items()}
+            window.clear()
+            record = {"step": step, **{k: round(v, 6) for k, v in last.items()},
+                      "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / elapsed, 1),
+                      "lr": scheduler.get_last_lr()[0], **(metrics_extra or {})}
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - start
+    if metrics_file:
+        metrics_file.close()
+    save_checkpoint(engine, tokenizer, out_dir, config, student, source)
+    return TrainResult(out_dir, total_steps, tokens_seen, seconds, last)
+
+
+@torch.no_grad()
+def drift_metrics(inputs) -> dict[str, float]:
+    """Importance weight current-student / behaviour-policy on the cached tokens, and its k3 KL estimate."""
+    if inputs.behaviour_logprobs is None:
+        return {}
+    log_ratio = (token_logprobs(inputs.logits.detach(), inputs.tokens) - inputs.behaviour_logprobs) * inputs.mask
+    weight = log_ratio.exp()
+    k3 = (weight - 1) - log_ratio  # Schulman's k3 estimator of KL(behaviour || student), >= 0
+    return {"importance_weight": masked_mean(weight, inputs.mask).item(), "kl_k3": masked_mean(k3, inputs.mask).item()}
+
+
+def save_checkpoint(engine, tokenizer, out_dir: Path, config: TrainConfig, student: str, source) -> None:
+    """A Hugging Face checkpoint (`save_pretrained`) plus lineage: what it was trained from, and on what."""
+    if config.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = None
+    if distributed.rank() != 0:
+        return
+    model = engine.module
+    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    parent = read_lineage(student)
+    lineage = {
+        "base_model": student,
+        "base_fingerprint": model_fingerprint(student),
+        "loss": config.loss,
+        "loss_args": dict(config.loss_args),
+        "config": {k: v for k, v in asdict(config).items() if k not in ("loss", "loss_args")},
+        "sft_data_model": parent.get("sft_data_model"),
+    }
+    if isinstance(source, ScoreCache):
+        lineage["trained_on"] = {"score_set": source.id, "rollout_set": source.rollouts.id}
+    elif isinstance(source, RolloutSet):
+        lineage["trained_on"] = {"rollout_set": source.id}
+        if config.loss == "sft":
+            lineage["sft_data_model"] = source.meta["model_fingerprint"]
+    write_lineage(out_dir, lineage)

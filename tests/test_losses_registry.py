@@ -1,0 +1,112 @@
+"""The loss registry: names, paper citations, declared and run-time input needs, argument parsing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lopd.errors import LopdError
+from lopd.losses import REGISTRY, LossInputs, describe_losses, get_loss
+from lopd.losses.base import FIELD_SOURCES
+
+EXPECTED = {
+    "sft", "lightning", "rkl_topk", "opd_is", "gkd", "fkl_topk", "fkl_topk_tail", "skew_kl", "skew_rkl",
+    "entropy_aware", "tip", "tropd", "aopd", "exopd", "opsd",
+}
+
+
+def bare_inputs(**fields: torch.Tensor) -> LossInputs:
+    """A 1 x 3 x 5 batch with only the fields given (logits, tokens and mask always present)."""
+    g = torch.Generator().manual_seed(0)
+    return LossInputs(
+        logits=torch.randn(1, 3, 5, generator=g, requires_grad=True),
+        tokens=torch.tensor([[0, 2, 4]]),
+        mask=torch.ones(1, 3),
+        **fields,
+    )
+
+
+def test_registry_has_every_loss():
+    assert EXPECTED <= set(REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED - {"sft"}))
+def test_papers_cite_arxiv(name: str):
+    assert "arXiv" in get_loss(name).paper
+
+
+def test_describe_losses_lists_every_loss_with_a_summary():
+    rows = describe_losses()
+    assert [row["name"] for row in rows] == sorted(REGISTRY)
+    for row in rows:
+        assert set(row) == {"name", "paper", "needs", "defaults", "summary"}
+        assert row["summary"] and not row["summary"].endswith("\n")
+        assert all(need in FIELD_SOURCES for need in row["needs"])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_missing_declared_field_is_named(name: str):
+    spec = get_loss(name)
+    for need in spec.needs:
+        have = {"logits", "tokens", "mask", *FIELD_SOURCES} - {need}
+        with pytest.raises(LopdError, match=f"needs '{need}'") as err:
+            spec.check_inputs(have)
+        assert FIELD_SOURCES[need] in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [{"importance_ratio": True}, {"ppo_clip": 0.2}])
+def test_lightning_options_need_behaviour_logprobs_at_run_time(overrides: dict):
+    spec = get_loss("lightning")
+    inp = bare_inputs(teacher_logprobs=torch.zeros(1, 3))
+    spec.check_inputs(inp.available())  # statically only the teacher is needed
+    with pytest.raises(LopdError, match="needs 'behaviour_logprobs'") as err:
+        spec.fn(inp, **spec.resolve_args(overrides))
+    assert FIELD_SOURCES["behaviour_logprobs"] in str(err.value)
+
+
+def test_lightning_defaults_run_without_behaviour_logprobs():
+    spec = get_loss("lightning")
+    out = spec.fn(bare_inputs(teacher_logprobs=torch.zeros(1, 3)), **spec.resolve_args({}))
+    assert torch.isfinite(out.loss)
+
+
+def test_cli_strings_are_coerced_to_the_default_types():
+    args = get_loss("rkl_topk").resolve_args({"tail": "true", "special_token_ids": "1,2", "entropy_top_ratio": "0.2"})
+    assert args == {"tail": True, "special_token_ids": "1,2", "entropy_top_ratio": 0.2}
+    assert get_loss("lightning").resolve_args({"importance_ratio": "on"})["importance_ratio"] is True
+
+
+@pytest.mark.parametrize(
+    "name,overrides,message",
+    [
+        ("lightning", {"baseline": "group"}, "baseline"),
+        ("aopd", {"negative_divergence": "jsd"}, "negative_divergence"),
+        ("gkd", {"beta": 1.5}, "beta"),
+        ("rkl_topk", {"entropy_top_ratio": 0.0}, "ratio"),
+        ("rkl_topk", {"special_token_ids": "1,x"}, "special_token_ids"),
+    ],
+)
+def test_bad_knob_values_raise_lopd_errors(name: str, overrides: dict, message: str):
+    ids = torch.tensor([[[0, 1], [2, 3], [4, 0]]])
+    inp = bare_inputs(
+        teacher_logprobs=torch.full((1, 3), -1.0),
+        topk_ids=ids,
+        topk_logprobs=torch.full((1, 3, 2), -1.0),
+    )
+    spec = get_loss(name)
+    with pytest.raises(LopdError, match=message):
+        spec.fn(inp, **spec.resolve_args(overrides))
+
+
+def test_bf16_logits_are_upcast_and_padding_minus_inf_stays_finite():
+    """Mixed-precision logits and a -inf teacher entry (padding) must not give NaN losses or grads."""
+    logits = torch.randn(1, 3, 5).to(torch.bfloat16).requires_grad_(True)
+    topk_logprobs = torch.tensor([[[-0.5, -1.5], [-0.2, float("-inf")], [-1.0, -1.0]]])
+    inp = LossInputs(
+        logits=logits, tokens=torch.tensor([[0, 2, 4]]), mask=torch.tensor([[1.0, 1.0, 0.0]]),
+        topk_ids=torch.tensor([[[0, 1], [2, 3], [4, 0]]]), topk_logprobs=topk_logprobs,
+    )
+    for name in ("rkl_topk", "fkl_topk", "fkl_topk_tail", "gkd", "skew_kl", "skew_rkl", "entropy_aware", "opsd"):
+        spec = get_loss(name)
+        out = spec.fn(inp, **spec.resolve_args({}))
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        assert torch.isfinite(out.loss) and torch.isfinite(grad.float()).all(), name
