@@ -91,7 +91,9 @@ def build_llm(
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if dtype == "auto":
             dtype = "float32" if config.get("torch_dtype", config.get("dtype")) in (None, "float32") else "bfloat16"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # Lets `reload_weights` send a function to the engine's own worker process (local IPC only).
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM
 
     kwargs: dict[str, Any] = dict(
@@ -109,6 +111,64 @@ def build_llm(
 
 
 def reload_weights(llm, model_dir: str | Path) -> None:
-    """Swap the weights of a running engine for a checkpoint of the same architecture (no restart)."""
+    """Swap the weights of a running engine for a checkpoint of the same architecture (no restart).
+
+    On CPU, vLLM prepacks linear weights into oneDNN/SGL kernels at load time; its in-place reload refreshes
+    the layers it reloads but not a tied `lm_head`, whose packed copy still holds the old embedding. Every
+    layer that keeps its weight is therefore re-packed after the reload (tests/test_engine.py checks the
+    reloaded engine against transformers).
+    """
     llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+    if on_cpu():
+        llm.collective_rpc(_repack_cpu_gemms)
     llm.reset_prefix_cache()
+
+
+def _repack_cpu_gemms(worker) -> int:
+    """Runs inside the vLLM worker: rebuild the CPU GEMM handle of every layer that still holds its weight."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    repacked = 0
+    for module in worker.model_runner.get_model().modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and weight is not None and weight.numel() > 0 and weight.ndim == 2:
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            repacked += 1
+    return repacked
+
+
+class EnginePool:
+    """One running vLLM engine per architecture; asking for another checkpoint of it swaps weights in place.
+
+    Engine start-up (tens of seconds on CPU) dwarfs toy-sized work, so pipelines that evaluate or roll out
+    many checkpoints of one student keep a single engine and reload weights between them.
+    """
+
+    def __init__(self, max_logprobs: int = 20, seed: int = 0):
+        self.max_logprobs = max_logprobs
+        self.seed = seed
+        self._engines: dict[str, list] = {}  # architecture key -> [llm, model currently loaded]
+
+    @staticmethod
+    def architecture_key(model: str) -> str:
+        config = dict(model_config(model))
+        for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            config.pop(volatile, None)
+        return json.dumps(config, sort_keys=True, default=str)
+
+    def get(self, model: str):
+        model = resolve_model(model)
+        key = self.architecture_key(model)
+        if key not in self._engines:
+            self._engines[key] = [build_llm(model, max_logprobs=self.max_logprobs, seed=self.seed), model]
+        entry = self._engines[key]
+        if entry[1] != model:
+            reload_weights(entry[0], model)
+            entry[1] = model
+        return entry[0]
+
+    def close(self) -> None:
+        import gc
+
+        self._engines.clear()
+        gc.collect()

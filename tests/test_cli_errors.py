@@ -1,0 +1,97 @@
+"""Bad input: one line on stderr, exit code 2, no traceback and nothing half-written. No engine starts here."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lopd.rollout_set import write_rollout_set
+from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR
+from lopd.toy.tokenizer import build_char_tokenizer
+
+
+def lopd(*args: str, root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lopd.cli", *args, "--root", str(root)], capture_output=True, text=True)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture()
+def rollout_set(tmp_path):
+    """A tiny hand-made rollout set of the toy student (no engine needed)."""
+    from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
+    from transformers import AutoTokenizer
+
+    model = str(STUDENT_BASE_DIR)
+    records = [{"prompt_id": "p0", "group_id": 0, "sample_index": 0, "prompt": "ab=", "answer": "c",
+                "prompt_ids": [1, 4, 5, 40], "response_ids": [6, 2], "behaviour_logprobs": [-1.0, -0.5],
+                "finish_reason": "stop", "reward": 1.0}]
+    meta = {"id": "r-test", "model": model, "model_fingerprint": model_fingerprint(model),
+            "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(model))}
+    return write_rollout_set(tmp_path / "root" / "rollouts" / "r-test", records, meta)
+
+
+def test_missing_model_path(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "ab="}) + "\n")
+    result = lopd("rollout", "--model", str(tmp_path / "nope"), "--prompts", str(prompts), root=tmp_path)
+    assert_one_line_error(result, "does not exist")
+
+
+def test_prompts_in_wrong_format(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"text": "ab="}\n')
+    result = lopd("rollout", "--model", str(TEACHER_DIR), "--prompts", str(bad), root=tmp_path)
+    assert_one_line_error(result, "'prompt'", "line 1")
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt\nab=\n")
+    assert_one_line_error(lopd("rollout", "--model", str(TEACHER_DIR), "--prompts", str(csv), root=tmp_path), "JSON Lines")
+    assert not (tmp_path / "rollouts").exists()
+
+
+def test_teacher_with_different_vocabulary(tmp_path, rollout_set):
+    other = tmp_path / "other_teacher"
+    shutil.copytree(TEACHER_DIR, other)
+    build_char_tokenizer("zyxwvutsrqponmlkjihgfedcba0123456789=+-*/()[]<>:;,.?! _#@$%&").save_pretrained(other)
+    result = lopd("score", "--teacher", str(other), "--rollouts", str(rollout_set.path), root=tmp_path / "root")
+    assert_one_line_error(result, "different vocabularies", "cross-tokenizer distillation is not supported")
+    assert not (tmp_path / "root" / "scores").exists()
+
+
+def test_k_larger_than_engine_allows(tmp_path, rollout_set):
+    result = lopd("score", "--teacher", str(TEACHER_DIR), "--rollouts", str(rollout_set.path), "--k", "100",
+                  root=tmp_path / "root")
+    assert_one_line_error(result, "--k 100", "vocabulary (64)")
+
+
+def test_output_path_holding_a_different_cache(tmp_path, rollout_set):
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"id": "s-someone-else", "rows_per_shard": 8, "shards": {}}))
+    result = lopd("score", "--teacher", str(TEACHER_DIR), "--rollouts", str(rollout_set.path), "--out", str(out),
+                  root=tmp_path / "root")
+    assert_one_line_error(result, "already holds a different score set")
+    assert json.loads((out / "manifest.json").read_text())["id"] == "s-someone-else"
+
+
+def test_unknown_loss(tmp_path, rollout_set):
+    result = lopd("train", "--student", str(STUDENT_BASE_DIR), "--rollouts", str(rollout_set.path), "--loss", "nope",
+                  "--out", str(tmp_path / "ck"), root=tmp_path / "root")
+    assert_one_line_error(result, "unknown loss 'nope'", "lightning")
+
+
+def test_loss_needing_a_missing_field(tmp_path, rollout_set):
+    result = lopd("train", "--student", str(STUDENT_BASE_DIR), "--rollouts", str(rollout_set.path), "--loss", "rkl_topk",
+                  "--out", str(tmp_path / "ck"), root=tmp_path / "root")
+    assert_one_line_error(result, "needs 'topk'", "lopd score")

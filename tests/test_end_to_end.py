@@ -1,0 +1,134 @@
+"""rollout -> score -> train on the real engines (vLLM, Zarr v3, DeepSpeed), checked against transformers."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lopd.cache import open_cache
+from lopd.losses import get_loss
+from lopd.rollout import SamplingConfig, rollout
+from lopd.score import ScoreConfig, score
+from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR, words
+from lopd.train.data import SequenceDataset, collate
+from lopd.train.trainer import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+TEACHER, STUDENT = str(TEACHER_DIR), str(STUDENT_BASE_DIR)
+
+
+@pytest.fixture(scope="module")
+def rollouts(pool, root):
+    prompts = [asdict(p) for p in words.make_prompts("test", 24)]
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=10, seed=0)
+    rollout_set, reused = rollout(TEACHER, prompts, sampling, root=root, verifier="lopd.toy.words:verify",
+                                  llm=pool.get(TEACHER), quiet=True)
+    assert not reused
+    return rollout_set
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(pool, root, rollouts):
+    result = score(TEACHER, rollouts, ScoreConfig(k=8, logprob_dtype="float32", rows_per_shard=16), root=root,
+                   llm=pool.get(TEACHER), quiet=True)
+    return open_cache(result.path)
+
+
+def full_logprobs(model, seq) -> torch.Tensor:
+    """Independent reference: one transformers forward pass over prompt + response, float32."""
+    ids = torch.tensor(np.concatenate([seq.prompt_ids, seq.response_ids]))[None]
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    start = len(seq.prompt_ids) - 1
+    return logp[start : start + len(seq.response_ids)]
+
+
+def test_rollout_set_records_everything(rollouts):
+    assert len(rollouts) == 48
+    table = rollouts.table
+    for column in ("prompt_id", "group_id", "sample_index", "prompt_ids", "response_ids", "behaviour_logprobs",
+                   "finish_reason", "reward"):
+        assert column in table.column_names
+    assert sorted(set(rollouts.group_ids)) == list(range(24))
+    assert set(table.column("sample_index").to_pylist()) == {0, 1}
+    for ids, lps in zip(rollouts.response_ids, rollouts.behaviour_logprobs):
+        assert len(ids) == len(lps) > 0
+    assert rollouts.rewards.mean() > 0.8  # the teacher completes most prefixes into words
+    assert rollouts.meta["model_fingerprint"] and rollouts.meta["tokenizer_fingerprint"]
+
+
+def test_behaviour_logprobs_match_transformers(rollouts, teacher_cache):
+    model = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
+    for i in range(0, len(rollouts), 5):
+        seq = teacher_cache[i]
+        ref = full_logprobs(model, seq).gather(-1, torch.tensor(seq.response_ids)[:, None]).squeeze(-1)
+        np.testing.assert_allclose(seq.behaviour_logprobs, ref.numpy(), atol=1e-3)
+
+
+def test_cached_teacher_logprobs_match_transformers(teacher_cache):
+    """The cache equals an independent transformers forward pass for the sampled token and the top-k."""
+    model = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
+    assert len(teacher_cache) == 48
+    for i in range(len(teacher_cache)):
+        seq = teacher_cache[i]
+        ref = full_logprobs(model, seq)
+        sampled = ref.gather(-1, torch.tensor(seq.response_ids)[:, None]).squeeze(-1)
+        np.testing.assert_allclose(seq.teacher_logprobs, sampled.numpy(), atol=1e-3)
+        topk = torch.tensor(seq.topk_ids.astype(np.int64))
+        np.testing.assert_allclose(seq.topk_logprobs, ref.gather(-1, topk).numpy(), atol=1e-3)
+        np.testing.assert_allclose(seq.topk_logprobs, ref.topk(8, dim=-1).values.numpy(), atol=1e-3)
+        tail = np.log1p(-np.exp(ref.topk(8, dim=-1).values.double().numpy()).sum(-1).clip(max=1 - 1e-12))
+        np.testing.assert_allclose(seq.tail_logprob, tail, atol=1e-3)
+
+
+def test_float16_cache_within_1e2_nats(pool, root, rollouts, teacher_cache):
+    result = score(TEACHER, rollouts, ScoreConfig(k=8, logprob_dtype="float16"), root=root, llm=pool.get(TEACHER),
+                   quiet=True)
+    half = open_cache(result.path)
+    assert half.id != teacher_cache.id
+    for i in range(len(half)):
+        a, b = half[i], teacher_cache[i]
+        assert np.abs(a.teacher_logprobs.astype(np.float32) - b.teacher_logprobs).max() <= 1e-2
+        assert np.abs(a.topk_logprobs.astype(np.float32) - b.topk_logprobs).max() <= 1e-2
+
+
+def test_rescoring_is_a_cache_hit(pool, root, rollouts, teacher_cache):
+    again = score(TEACHER, rollouts, ScoreConfig(k=8, logprob_dtype="float32", rows_per_shard=16), root=root,
+                  llm=pool.get(TEACHER), quiet=True)
+    assert again.reused and again.teacher_seconds == 0.0 and again.id == teacher_cache.id
+
+
+def lightning_advantages(model_dir: str, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    batch = collate([SequenceDataset(cache)[i] for i in range(len(cache))], pad_id=0)
+    with torch.no_grad():
+        inputs = batch.loss_inputs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
+    student = inputs.logits.log_softmax(-1).gather(-1, inputs.tokens[..., None]).squeeze(-1)
+    return (inputs.teacher_logprobs - student) * inputs.mask, inputs.mask
+
+
+def test_lightning_advantage_is_zero_when_teacher_is_student(pool, root, rollouts):
+    """Scoring the teacher's own rollouts with the teacher: every per-token advantage is (numerically) zero."""
+    result = score(TEACHER, rollouts, ScoreConfig(k=8, logprob_dtype="float32", rows_per_shard=16), root=root,
+                   llm=pool.get(TEACHER), quiet=True)
+    advantage, _ = lightning_advantages(TEACHER, open_cache(result.path))
+    assert advantage.abs().max() < 1e-3
+
+
+def test_deepspeed_step_raises_teacher_preferred_tokens(teacher_cache, tmp_path):
+    """One DeepSpeed step of `lightning` moves the student toward tokens the teacher prefers."""
+    before, mask = lightning_advantages(STUDENT, teacher_cache)
+    config = TrainConfig(loss="lightning", lr=3e-3, batch_size=48, steps=1, zero_stage=2, seed=0)
+    result = train(STUDENT, teacher_cache, config, tmp_path / "ckpt", quiet=True)
+    after, _ = lightning_advantages(str(result.checkpoint), teacher_cache)
+    # advantage = teacher - student, so a drop in advantage is a rise in student log-prob.
+    gain = (before - after)[mask > 0]
+    preferred = before[mask > 0] > 0
+    assert gain[preferred].mean() > 0
+    assert gain[preferred].mean() > gain[~preferred].mean()
+    assert (result.checkpoint / "lopd_lineage.json").is_file()
+    assert (result.checkpoint / "metrics.jsonl").read_text().strip()
+    assert get_loss("lightning").name == "lightning"
