@@ -32,7 +32,7 @@ VERIFIER = "lopd.toy.words:verify"
 @dataclass(frozen=True)
 class DemoConfig:
     sft_prompts: int = 20000
-    sft_steps: int = 1500
+    sft_steps: int = 3000
     sft_batch: int = 128
     sft_lr: float = 3e-3
     opd_prompts: int = 2000

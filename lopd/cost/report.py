@@ -70,8 +70,14 @@ def _amounts(view: str, seconds: float | None, price: float | None, suffix: str 
     return amounts
 
 
-def _group_row(group: Group, views: Sequence[str], price: float | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"experiments": group.experiments, "trained_tokens": group.trained_tokens}
+def _group_row(
+    by: str, group: Group, columns: Mapping[str, Mapping[str, Any]], views: Sequence[str], price: float | None
+) -> dict[str, Any]:
+    """One table row: the group, its extra `columns` (name -> value per key), counts, then amounts."""
+    row: dict[str, Any] = {by: group.key, **{name: values.get(group.key) for name, values in columns.items()}}
+    if by != "experiment":  # always 1 there
+        row["experiments"] = group.experiments
+    row["trained_tokens"] = group.trained_tokens
     for view in views:
         row |= _amounts(view, group.device_seconds(view), price)
         row |= _amounts(view, group.per_million_tokens(view), price, "_per_mtok")
@@ -101,11 +107,9 @@ def summarize(
         "by": by,
         "views": list(views),
         "price_per_device_hour": price,
-        "rows": [
-            {by: g.key, **{name: values.get(g.key) for name, values in columns.items()}, **_group_row(g, views, price)}
-            for g in aggregate(costs, by)
-        ],
-        "total": _group_row(total(costs), views, price),
+        "rows": [_group_row(by, g, columns, views, price) for g in aggregate(costs, by)],
+        # Same columns as the rows, blank where a total means nothing (method, accuracy).
+        "total": _group_row(by, total(costs), {name: {} for name in columns}, views, price),
     }
     if target is not None:
         summary["target_accuracy"] = target
@@ -131,19 +135,24 @@ def _header(key: str, unit: str) -> str:
     return key.replace("device_hours", UNITS[unit]).replace("_per_mtok", "/Mtok").replace("_", " ")
 
 
+def _numeric(rows: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """Per column: right-align it (numbers only, blanks allowed)?"""
+    return [all(row[key] is None or isinstance(row[key], (int, float)) for row in rows) for key in rows[0]]
+
+
 def render_table(rows: Sequence[Mapping[str, Any]], unit: str) -> str:
-    """Fixed-width text: first column left-aligned, numbers right-aligned."""
+    """Fixed-width text: numbers right-aligned, everything else left-aligned."""
     lines = [[_header(k, unit) for k in rows[0]]] + [[_cell(v) for v in row.values()] for row in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+        "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(line, widths, _numeric(rows))).rstrip()
         for line in lines
     )
 
 
 def render_markdown_table(rows: Sequence[Mapping[str, Any]], unit: str) -> str:
     header = "| " + " | ".join(_header(k, unit) for k in rows[0]) + " |"
-    rule = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(rows[0]))) + "|"
+    rule = "|" + "|".join("---:" if num else ":---" for num in _numeric(rows)) + "|"
     body = ["| " + " | ".join(_cell(v) for v in row.values()) + " |" for row in rows]
     return "\n".join([header, rule, *body])
 
@@ -151,10 +160,8 @@ def render_markdown_table(rows: Sequence[Mapping[str, Any]], unit: str) -> str:
 def render_text(summary: Mapping[str, Any]) -> str:
     """The human form of `summarize`: the cost table with a total line, then the target table."""
     unit, by = summary["unit"], summary["by"]
-    rows = summary["rows"]
-    total_row = {k: None for k in rows[0]} | {by: "total"} | summary["total"]
     notes = "; ".join(VIEW_NOTES[v] for v in summary["views"])
-    parts = [f"cost by {by}, in {unit} ({notes})", render_table([*rows, total_row], unit)]
+    parts = [f"cost by {by}, in {unit} ({notes})", render_table([*summary["rows"], summary["total"]], unit)]
     if "to_target" in summary:
         parts += [
             f"\ncheapest experiment per method reaching accuracy >= {summary['target_accuracy']:g} "
@@ -182,7 +189,7 @@ def reuse_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "artifact": a.id,
             "stage": a.stage,
             "produced_by": ", ".join(a.producers),
-            "device_hours": a.device_seconds / SECONDS_PER_HOUR,
+            "device_hours_to_produce": a.device_seconds / SECONDS_PER_HOUR,
             "used_by": len(a.users),
             "experiments": ", ".join(a.users),
         }
