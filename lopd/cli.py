@@ -11,6 +11,8 @@ import click
 from lopd.errors import LopdError
 from lopd.storage import resolve_root
 
+EXPERIMENT_OPTION = click.option("--experiment", envvar="LOPD_EXPERIMENT", default="default", show_default=True,
+                                 help="Experiment name recorded in the cost ledger ($LOPD_EXPERIMENT).")
 ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False), default=None,
                            help="Storage root (default: $LOPD_ROOT, else storage/ of the checkout).")
 
@@ -65,14 +67,16 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--verifier", default=None, help="Reward function module:function, e.g. lopd.toy.words:verify.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory (default: content-addressed under the root).")
+@EXPERIMENT_OPTION
 @ROOT_OPTION
-def rollout(model, prompts, n, temperature, top_p, max_tokens, seed, verifier, out, root):
+def rollout(model, prompts, n, temperature, top_p, max_tokens, seed, verifier, out, experiment, root):
     """Generate rollouts with vLLM into a Parquet rollout set."""
     from lopd.rollout import SamplingConfig, rollout as run
 
     start = time.perf_counter()
     sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    rollouts, reused = run(model, prompts, sampling, root=resolve_root(root), verifier=verifier, out=out)
+    rollouts, reused = run(model, prompts, sampling, root=resolve_root(root), verifier=verifier, out=out,
+                          experiment=experiment)
     emit({"rollout_set": rollouts.id, "path": rollouts.path, "rows": len(rollouts), "reused": reused,
           "response_tokens": rollouts.meta["num_response_tokens"], "seconds": round(time.perf_counter() - start, 1)})
 
@@ -86,8 +90,9 @@ def rollout(model, prompts, n, temperature, top_p, max_tokens, seed, verifier, o
 @click.option("--rows-per-shard", default=1024, show_default=True)
 @click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Score only shards i, i+N, ... (i/N) for multi-node jobs.")
 @click.option("--out", type=click.Path(file_okay=False), default=None)
+@EXPERIMENT_OPTION
 @ROOT_OPTION
-def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, shard_spec, out, root):
+def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, shard_spec, out, experiment, root):
     """Score every rollout token once with the teacher (vLLM) into a Zarr v3 score set."""
     from lopd.rollout_set import RolloutSet
     from lopd.score import ScoreConfig, score as run
@@ -95,7 +100,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
     root = resolve_root(root)
     rollouts = RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts"))
     config = ScoreConfig(k=k, logprob_dtype=logprob_dtype, max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard)
-    result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec))
+    result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec), experiment=experiment)
     if result.reused:
         click.echo(f"cache hit: score set {result.id} already holds these scores; no teacher work done", err=True)
     emit({"score_set": result.id, "path": result.path, "reused": result.reused,
@@ -118,9 +123,10 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
 @click.option("--zero-stage", default=2, show_default=True, type=click.IntRange(0, 3))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--allow-teacher-mismatch", is_flag=True, help="Train OPD from a teacher other than the SFT data's teacher.")
+@EXPERIMENT_OPTION
 @ROOT_OPTION
 def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size, micro_batch_size, steps, epochs,
-          warmup_steps, zero_stage, seed, allow_teacher_mismatch, root):
+          warmup_steps, zero_stage, seed, allow_teacher_mismatch, experiment, root):
     """Train a student with DeepSpeed from a cache (or rollout set, for SFT)."""
     from lopd.cache.reader import open_cache
     from lopd.losses import get_loss
@@ -136,7 +142,7 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
     config = TrainConfig(loss=loss, loss_args=parse_loss_args(loss_args), lr=lr, batch_size=batch_size,
                          micro_batch_size=micro_batch_size, steps=steps, epochs=epochs, warmup_steps=warmup_steps,
                          zero_stage=zero_stage, seed=seed, allow_teacher_mismatch=allow_teacher_mismatch)
-    result = run(student, source, config, Path(out))
+    result = run(student, source, config, Path(out), root=root, experiment=experiment)
     emit({"checkpoint": result.checkpoint, "steps": result.steps, "tokens": result.tokens,
           "seconds": round(result.seconds, 1), "final": result.final_metrics})
 
@@ -149,11 +155,14 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
 @click.option("--temperature", default=1.0, show_default=True)
 @click.option("--max-tokens", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def eval_(model, prompts, verifier, n, temperature, max_tokens, seed):
+@EXPERIMENT_OPTION
+@ROOT_OPTION
+def eval_(model, prompts, verifier, n, temperature, max_tokens, seed, experiment, root):
     """Accuracy of a model on a prompt set (vLLM sampling + verifier)."""
     from lopd.evaluate import evaluate
 
-    emit(evaluate(model, prompts, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed).as_dict())
+    emit(evaluate(model, prompts, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                  root=resolve_root(root), experiment=experiment).as_dict())
 
 
 @main.command()
@@ -194,6 +203,18 @@ def demo(seeds, out, quick, root):
     config = DemoConfig.quick() if quick else DemoConfig()
     root = resolve_root(root)
     run_demo(config, seeds=[int(s) for s in seeds.split(",")], root=root, out=Path(out) if out else root / "demo")
+
+
+def _attach_subcommands() -> None:
+    from lopd.cache.cli import cache
+    from lopd.cost.cli import cost, report
+
+    main.add_command(cache)
+    main.add_command(cost)
+    main.add_command(report)
+
+
+_attach_subcommands()
 
 
 def run() -> None:

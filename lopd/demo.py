@@ -72,33 +72,38 @@ def run_seed(config: DemoConfig, seed: int, root: Path, out: Path, pool: EngineP
              results: dict[str, Any]) -> None:
     seconds: dict[str, float] = {}
     ckpt = out / f"seed{seed}"
+    exp = lambda arm: f"demo/seed{seed}/{arm}"  # noqa: E731  (ledger experiment name per arm)
     sampling = SamplingConfig(n=1, temperature=config.temperature, max_tokens=config.max_tokens, seed=seed)
     teacher = str(TEACHER_DIR)
 
     with timed("teacher_sft_data", seconds):
-        sft_data, _ = rollout(teacher, prompts["sft"], sampling, root=root, verifier=VERIFIER, llm=pool.get(teacher))
+        sft_data, _ = rollout(teacher, prompts["sft"], sampling, root=root, verifier=VERIFIER, llm=pool.get(teacher),
+                              experiment=exp("sft"))
     with timed("sft", seconds):
         sft_cfg = TrainConfig(loss="sft", lr=config.sft_lr, batch_size=config.sft_batch, steps=config.sft_steps,
                               warmup_steps=config.sft_steps // 20, seed=seed)
-        sft = train(str(STUDENT_BASE_DIR), sft_data, sft_cfg, ckpt / "sft").checkpoint
+        sft = train(str(STUDENT_BASE_DIR), sft_data, sft_cfg, ckpt / "sft", root=root, experiment=exp("sft")).checkpoint
     opd_sampling = replace(sampling, n=config.opd_samples)
     with timed("student_rollouts", seconds):
         opd_rollouts, _ = rollout(str(sft), prompts["opd"], opd_sampling, root=root, verifier=VERIFIER,
-                                  llm=pool.get(str(sft)))
+                                  llm=pool.get(str(sft)), experiment=exp("rkl_topk"))
     with timed("teacher_score", seconds):
-        scored = score(teacher, opd_rollouts, ScoreConfig(k=config.k), root=root, llm=pool.get(teacher))
+        scored = score(teacher, opd_rollouts, ScoreConfig(k=config.k), root=root, llm=pool.get(teacher),
+                       experiment=exp("rkl_topk"))
     cache = open_cache(scored.path)
     opd = TrainConfig(batch_size=config.opd_batch, epochs=config.opd_epochs, seed=seed)
     steps = steps_for(opd, len(cache))
     checkpoints = {"sft": sft}
     for arm, loss, lr in (("lightning", "lightning", config.lightning_lr), ("rkl_topk", "rkl_topk", config.rkl_lr)):
         with timed(f"train_{arm}", seconds):
-            checkpoints[arm] = train(str(sft), cache, replace(opd, loss=loss, lr=lr), ckpt / arm).checkpoint
+            checkpoints[arm] = train(str(sft), cache, replace(opd, loss=loss, lr=lr), ckpt / arm, root=root,
+                                     experiment=exp(arm)).checkpoint
     with timed("teacher_sft_more_data", seconds):
-        more_data, _ = rollout(teacher, prompts["opd"], opd_sampling, root=root, verifier=VERIFIER, llm=pool.get(teacher))
+        more_data, _ = rollout(teacher, prompts["opd"], opd_sampling, root=root, verifier=VERIFIER, llm=pool.get(teacher),
+                               experiment=exp("sft_more"))
     with timed("train_sft_more", seconds):
         checkpoints["sft_more"] = train(str(sft), more_data, replace(opd, loss="sft", lr=config.sft_more_lr, steps=steps),
-                                        ckpt / "sft_more").checkpoint
+                                        ckpt / "sft_more", root=root, experiment=exp("sft_more")).checkpoint
     with timed("train_online_rkl", seconds):
         tok = load_tokenizer(str(sft))
         sampler = OnlineSampler(teacher, encode_prompts(tok, prompts["opd"]), k=config.k, n=config.opd_samples,
@@ -106,11 +111,12 @@ def run_seed(config: DemoConfig, seed: int, root: Path, out: Path, pool: EngineP
                                 micro_batch_size=config.opd_batch, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                                 seed=seed)
         checkpoints["online_rkl"] = train(str(sft), None, replace(opd, loss="rkl_topk", lr=config.rkl_lr, steps=steps),
-                                          ckpt / "online_rkl", batches=sampler.factory()).checkpoint
+                                          ckpt / "online_rkl", batches=sampler.factory(), root=root,
+                                          experiment=exp("online_rkl")).checkpoint
     with timed("eval", seconds):
         for arm, path in checkpoints.items():
             results["arms"][arm][str(seed)] = evaluate(str(path), prompts["eval"], VERIFIER, max_tokens=config.max_tokens,
-                                                       llm=pool.get(str(path))).as_dict()
+                                                       llm=pool.get(str(path)), root=root, experiment=exp(arm)).as_dict()
     results["seconds"][str(seed)] = {k: round(v, 1) for k, v in seconds.items()}
     results["opd_steps"] = steps
     results["cache"][str(seed)] = {"score_set": scored.id, "rollout_set": opd_rollouts.id,
@@ -129,7 +135,8 @@ def run_demo(config: DemoConfig, seeds: list[int], root: Path, out: Path) -> dic
     pool = EnginePool(max_logprobs=config.k)
     start = time.perf_counter()
     for arm, model in (("teacher", TEACHER_DIR), ("student_base", STUDENT_BASE_DIR)):
-        scores = evaluate(str(model), prompts["eval"], VERIFIER, max_tokens=config.max_tokens, llm=pool.get(str(model)))
+        scores = evaluate(str(model), prompts["eval"], VERIFIER, max_tokens=config.max_tokens, llm=pool.get(str(model)),
+                          root=root, experiment=f"demo/{arm}")
         results["arms"][arm] = {str(s): scores.as_dict() for s in seeds}
     for seed in seeds:
         run_seed(config, seed, root, out, pool, prompts, results)

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lopd.engine import build_llm, reload_weights, resolve_model
+from lopd.cost.ledger import record_stage
+from lopd.engine import build_llm, resolve_model
 from lopd.errors import LopdError
 from lopd.prompts import load_prompts
 from lopd.rollout import encode_prompts, load_tokenizer
@@ -32,20 +33,27 @@ def evaluate(
     max_tokens: int = 32,
     seed: int = 0,
     llm=None,
-    swap_weights: bool = False,
+    root: Path | None = None,
+    experiment: str = "default",
 ) -> EvalResult:
-    """Sample `n` responses per prompt and score them; `llm` + `swap_weights` reuses a running engine of the same architecture."""
-    from vllm import SamplingParams
-
+    """Sample `n` responses per prompt and score them. `llm`, if given, must already serve `model` (see EnginePool)."""
     model = resolve_model(model)
     verify = load_verifier(verifier)
     if verify is None:
         raise LopdError("eval needs a verifier: pass --verifier module:function")
     rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
     tokenizer = load_tokenizer(model)
+    with record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec:
+        result = _sample_and_verify(model, rows, tokenizer, verify, n, temperature, max_tokens, seed, llm)
+        rec.tokens = result.samples
+        rec.extra = {"accuracy": result.accuracy, "distinct_correct": result.distinct_correct}
+    return result
+
+
+def _sample_and_verify(model, rows, tokenizer, verify, n, temperature, max_tokens, seed, llm) -> EvalResult:
+    from vllm import SamplingParams
+
     engine = llm or build_llm(model, seed=seed)
-    if llm is not None and swap_weights:
-        reload_weights(engine, model)
     params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
     outputs = engine.generate([{"prompt_token_ids": ids} for ids in encode_prompts(tokenizer, rows)], params, use_tqdm=False)
     total, correct = 0.0, set()

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lopd.cost.ledger import record_stage
 from lopd.engine import build_llm, resolve_model
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint
 from lopd.lineage import read_lineage
@@ -46,6 +47,7 @@ def rollout(
     out: Path | None = None,
     llm=None,
     quiet: bool = False,
+    experiment: str = "default",
 ) -> tuple[RolloutSet, bool]:
     """Generate (or find already generated) rollouts. Returns the set and whether it was reused."""
     model = resolve_model(model)
@@ -65,9 +67,19 @@ def rollout(
     if (path / "meta.json").is_file():
         existing = RolloutSet.open(path)
         if existing.id == set_id:
+            with record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec:
+                rec.cache_hit = True
             return existing, True
     verify = load_verifier(verifier)
+    with record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec:
+        rollouts = _generate(model, rows, prompt_ids, tokenizer, sampling, verify, llm, quiet)
+        rec.tokens = sum(len(r["response_ids"]) for r in rollouts)
+    meta = dict(identity, id=set_id, model=model, lineage=read_lineage(model), engine=engine_version())
+    return write_rollout_set(path, rollouts, meta), False
 
+
+def _generate(model, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, llm, quiet) -> list[dict[str, Any]]:
+    """One vLLM call over every prompt; one record per sampled response."""
     from vllm import SamplingParams
 
     engine = llm or build_llm(model, seed=sampling.seed)
@@ -96,8 +108,7 @@ def rollout(
                     "reward": None if verify is None else float(verify(row, text)),
                 }
             )
-    meta = dict(identity, id=set_id, model=model, lineage=read_lineage(model), engine=engine_version())
-    return write_rollout_set(path, records, meta), False
+    return records
 
 
 def sampled_logprobs(logprobs, response: list[int]) -> list[float]:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
 from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, scores_dir
+from lopd.cost.ledger import record_stage
 from lopd.engine import build_llm, check_k, model_config, resolve_model, vocab_size
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint
@@ -62,6 +63,18 @@ def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
         )
 
 
+def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: ScoreConfig) -> dict:
+    """Everything that determines a score set's numbers; its hash is the score set id."""
+    return {
+        "kind": "score_set",
+        "rollout_set": {"id": rollouts.id, "content_digest": rollouts.meta["content_digest"]},
+        "teacher": {"fingerprint": model_fingerprint(teacher)},
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "config": {"k": config.k, "temperature": 1.0, "logprob_dtype": config.logprob_dtype,
+                   "engine": engine_version(), "context": None},
+    }
+
+
 def score(
     teacher: str,
     rollouts: RolloutSet,
@@ -72,6 +85,7 @@ def score(
     shard_of: tuple[int, int] = (0, 1),
     llm=None,
     quiet: bool = False,
+    experiment: str = "default",
 ) -> ScoreResult:
     config.validate()
     teacher = resolve_model(teacher)
@@ -81,28 +95,34 @@ def score(
     check_same_vocabulary(tokenizer, rollouts)
     vocab = vocab_size(teacher_config)
 
-    header = {
-        "kind": "score_set",
-        "rollout_set": {"id": rollouts.id, "content_digest": rollouts.meta["content_digest"]},
-        "teacher": {"model": teacher, "fingerprint": model_fingerprint(teacher), "lineage_of": None},
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "config": {"k": config.k, "temperature": 1.0, "logprob_dtype": config.logprob_dtype,
-                   "engine": engine_version(), "context": None},
-    }
+    header = score_set_identity(teacher, tokenizer, rollouts, config)
     set_id = "s-" + digest_json(header)
     path = Path(out) if out else scores_dir(root) / set_id
     manifest_path = path / MANIFEST
     if manifest_path.is_file():
         existing = read_json(manifest_path)
         if existing.get("id") == set_id and existing.get("complete"):
+            with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
+                rec.cache_hit = True
             return ScoreResult(path, set_id, True, 0.0, sum(s["positions"] for s in existing["shards"].values()))
 
     rollout_path = Path(rollouts.path).resolve()
     header = dict(header, id=set_id, vocab_size=vocab, id_dtype=str(id_dtype(vocab)), num_rows=len(rollouts))
+    header["teacher"]["model"] = teacher  # where it was loaded from: informative, not part of the id
     header["rollout_set"]["path"] = _relative(rollout_path, path.resolve())
     writer = ScoreSetWriter(path, header, rows_per_shard=config.rows_per_shard)
     plans = writer.plan(len(rollouts), shard_of)
 
+    with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
+        result = _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, set_id, llm, quiet)
+        rec.tokens = result.positions
+    manifest = writer.finish(len(rollouts))
+    if not manifest.get("complete") and shard_of == (0, 1):
+        raise LopdError(f"score set {set_id} is still incomplete after scoring; rerun the same command")
+    return result
+
+
+def _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, set_id, llm, quiet) -> ScoreResult:
     engine = llm or build_llm(teacher, max_logprobs=config.k)
     check_k(config.k, teacher_config, max_logprobs=engine.llm_engine.model_config.max_logprobs)
     todo = writer.pending(plans)
@@ -124,10 +144,7 @@ def score(
                     writer.commit(plan, arrays, {"teacher_seconds": round(seconds, 3)})
                     teacher_seconds += seconds
                     positions += int(arrays["sampled_logprob"].shape[0])
-    manifest = writer.finish(len(rollouts))
-    if not manifest.get("complete") and shard_of == (0, 1):
-        raise LopdError(f"score set {set_id} is still incomplete after scoring; rerun the same command")
-    return ScoreResult(path, set_id, False, teacher_seconds, positions)
+    return ScoreResult(writer.path, set_id, False, teacher_seconds, positions)
 
 
 def _relative(target: Path, start: Path) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 
 from lopd.cache.layout import FORMAT_VERSION, shard_bytes, shard_checksum, write_shard
 from lopd.errors import LopdError
+from lopd.faults import crash_point
 from lopd.storage import read_json, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -112,8 +113,10 @@ class ScoreSetWriter:
         with _flock(self.path / "locks" / f"{plan.name}.lock", blocking=wait) as got:
             if got and plan.name in self.manifest()["shards"]:
                 got = False
-            if got:
-                shutil.rmtree(self.path / "shards" / plan.name, ignore_errors=True)  # crash leftover, if any
+            if got:  # clear what a killed writer of this shard may have left
+                shutil.rmtree(self.path / "shards" / plan.name, ignore_errors=True)
+                for leftover in (self.path / ".staging").glob(f"{plan.name}-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
             yield got
 
     def commit(self, plan: ShardPlan, arrays: dict[str, np.ndarray], stats: dict[str, Any] | None = None) -> None:
@@ -128,9 +131,11 @@ class ScoreSetWriter:
                 "bytes": shard_bytes(staging),
                 **(stats or {}),
             }
+            crash_point("shard_staged")
             final = self.path / "shards" / plan.name
             final.parent.mkdir(exist_ok=True)
             staging.rename(final)
+            crash_point("shard_renamed")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -138,6 +143,7 @@ class ScoreSetWriter:
             manifest = self.manifest()
             manifest["shards"][plan.name] = entry
             write_json_atomic(self.path / MANIFEST, manifest)
+        crash_point("shard_committed")
 
     def finish(self, num_rows: int, **fields: Any) -> dict[str, Any]:
         """Mark the set complete once every shard is committed; returns the manifest."""

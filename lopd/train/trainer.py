@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from lopd.cache.reader import ScoreCache
+from lopd.cost.ledger import record_stage
 from lopd.engine import resolve_model
 from lopd.errors import LopdError
 from lopd.fingerprint import model_fingerprint
@@ -115,6 +116,8 @@ def train(
     batches: Callable[[torch.nn.Module], Iterator[Batch]] | None = None,
     quiet: bool = False,
     metrics_extra: dict[str, Any] | None = None,
+    root: Path | None = None,
+    experiment: str = "default",
 ) -> TrainResult:
     """Train `student` on `source`, or on `batches(model)` from a live sampler, and save a HF checkpoint to `out_dir`."""
     student = resolve_model(student)
@@ -128,7 +131,28 @@ def train(
             available |= {"teacher_logprobs", "topk"}
         spec.check_inputs(available)
 
+    inputs = [student]
+    if isinstance(source, ScoreCache):
+        inputs += [source.id, source.rollouts.id]
+    elif isinstance(source, RolloutSet):
+        inputs += [source.id]
     deepspeed = distributed.init_process_group()
+    if distributed.rank() != 0:
+        return _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, metrics_extra, deepspeed)
+    stage = "sft" if config.loss == "sft" else "train"
+    with record_stage(root, experiment=experiment, stage=stage, method=config.loss, artifact=str(Path(out_dir).resolve()),
+                      inputs=inputs) as rec:
+        result = _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, metrics_extra, deepspeed)
+        rec.tokens = result.tokens
+        rec.extra = {"steps": result.steps}
+        if distributed.world_size() > 1:
+            rec.device_count = distributed.world_size()
+    return result
+
+
+def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_dir: Path, batches, quiet,
+           metrics_extra, deepspeed) -> TrainResult:
+    """The training loop proper (every rank runs it; rank 0 also writes metrics and the checkpoint)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(config.seed)
@@ -146,7 +170,6 @@ def train(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = batches(engine.module) if batches is not None else offline_batches(source, config, micro, pad_id)
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     is_main = distributed.rank() == 0
     metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None

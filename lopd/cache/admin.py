@@ -1,0 +1,127 @@
+"""Maintenance of the score sets under a storage root: list, show, verify, garbage-collect, export.
+
+Which experiments used a score set is read from the cost ledger (every stage that produced or consumed
+an artifact recorded it), so the ledger doubles as the registry of experiments and `gc` never deletes
+what an experiment references.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lopd.cache.layout import shard_checksum
+from lopd.cache.reader import ScoreCache
+from lopd.cache.score_set import MANIFEST, scores_dir
+from lopd.cost.ledger import read_rows
+from lopd.errors import LopdError
+from lopd.rollout_set import RolloutSet, rollouts_dir
+from lopd.storage import read_json
+
+
+def usage(root: Path) -> dict[str, set[str]]:
+    """Artifact id -> experiments that produced or consumed it (from the ledger)."""
+    used: dict[str, set[str]] = {}
+    for row in read_rows(root):
+        for artifact in [row["artifact"], *row["inputs"]]:
+            if artifact:
+                used.setdefault(artifact, set()).add(row["experiment"])
+    return used
+
+
+def entries(root: Path) -> list[dict[str, Any]]:
+    """One summary per score set under the root, newest first."""
+    used = usage(root)
+    out = []
+    for manifest_path in sorted(scores_dir(root).glob(f"*/{MANIFEST}")):
+        manifest = read_json(manifest_path)
+        shards = manifest["shards"].values()
+        size = sum(s["bytes"] for s in shards)
+        positions = sum(s["positions"] for s in shards)
+        out.append({
+            "id": manifest["id"], "path": str(manifest_path.parent), "complete": manifest.get("complete", False),
+            "created": manifest.get("created"), "teacher": manifest["teacher"]["model"], "k": manifest["config"]["k"],
+            "logprob_dtype": manifest["config"]["logprob_dtype"], "rollout_set": manifest["rollout_set"]["id"],
+            "rows": manifest.get("num_rows"), "positions": positions, "bytes": size,
+            "bytes_per_position": round(size / positions, 1) if positions else None,
+            "experiments": sorted(used.get(manifest["id"], ())),
+        })
+    return sorted(out, key=lambda e: -(e["created"] or 0))
+
+
+def find(root: Path, ref: str) -> Path:
+    """A score set by path, full id, or unique id prefix."""
+    if (Path(ref) / MANIFEST).is_file():
+        return Path(ref)
+    matches = [p.parent for p in scores_dir(root).glob(f"{ref}*/{MANIFEST}")]
+    if len(matches) != 1:
+        raise LopdError(f"{'no' if not matches else 'more than one'} score set matches {ref!r} under {scores_dir(root)}; "
+                        "see `lopd cache ls`")
+    return matches[0]
+
+
+def verify(path: Path) -> list[str]:
+    """Problems found (empty when the score set is intact): missing or corrupt shards, a changed rollout set."""
+    manifest = read_json(path / MANIFEST)
+    problems = []
+    if not manifest.get("complete"):
+        problems.append("incomplete: scoring was interrupted; rerun the same `lopd score`")
+    for name, entry in sorted(manifest["shards"].items()):
+        shard_dir = path / "shards" / name
+        if not shard_dir.is_dir():
+            problems.append(f"shard {name}: missing")
+        elif shard_checksum(shard_dir) != entry["checksum"]:
+            problems.append(f"shard {name}: checksum mismatch (truncated or modified)")
+    rollout_path = (path / manifest["rollout_set"]["path"]).resolve()
+    try:
+        rollouts = RolloutSet.open(rollout_path)
+        if rollouts.meta.get("content_digest") != manifest["rollout_set"]["content_digest"]:
+            problems.append(f"rollout set {rollouts.id}: content differs from what was scored")
+    except LopdError:
+        problems.append(f"rollout set {manifest['rollout_set']['id']}: missing at {rollout_path}")
+    return problems
+
+
+def garbage(root: Path) -> list[Path]:
+    """Score sets and rollout sets no experiment references (and that no kept score set needs)."""
+    used = usage(root)
+    doomed = [Path(e["path"]) for e in entries(root) if not e["experiments"]]
+    kept_rollouts = {read_json(p / MANIFEST)["rollout_set"]["id"]
+                     for p in (Path(e["path"]) for e in entries(root)) if p not in doomed}
+    for meta in sorted(rollouts_dir(root).glob("*/meta.json")):
+        rollout_id = read_json(meta)["id"]
+        if rollout_id not in used and rollout_id not in kept_rollouts:
+            doomed.append(meta.parent)
+    return doomed
+
+
+def collect(root: Path, dry_run: bool) -> list[Path]:
+    doomed = garbage(root)
+    if not dry_run:
+        for path in doomed:
+            shutil.rmtree(path)
+    return doomed
+
+
+def export_parquet(path: Path, out: Path) -> Path:
+    """One row per sequence with list columns, for use outside lopd (pandas, polars, DuckDB)."""
+    cache = ScoreCache(path)
+    columns: dict[str, list] = {name: [] for name in (
+        "row", "group_id", "reward", "prompt_ids", "response_ids", "behaviour_logprobs", "teacher_logprobs",
+        "topk_ids", "topk_logprobs", "tail_logprob")}
+    for i in range(len(cache)):
+        seq = cache[i]
+        columns["row"].append(i)
+        columns["group_id"].append(seq.group_id)
+        columns["reward"].append(seq.reward)
+        for name in ("prompt_ids", "response_ids", "behaviour_logprobs", "teacher_logprobs", "tail_logprob"):
+            columns[name].append(np.asarray(getattr(seq, name)).tolist())
+        columns["topk_ids"].append(seq.topk_ids.astype(np.int64).tolist())
+        columns["topk_logprobs"].append(seq.topk_logprobs.astype(np.float32).tolist())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), out, compression="zstd")
+    return out

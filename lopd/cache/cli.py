@@ -1,0 +1,92 @@
+"""`lopd cache ...`: list, inspect, verify, garbage-collect and export score sets."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from lopd.cache import admin
+from lopd.errors import LopdError
+from lopd.storage import read_json, resolve_root
+
+ROOT = click.option("--root", type=click.Path(file_okay=False), default=None, help="Storage root.")
+JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group()
+def cache() -> None:
+    """Inspect and maintain the teacher cache (score sets)."""
+
+
+@cache.command("ls")
+@ROOT
+@JSON
+def ls(root, as_json):
+    """Score sets: size, bytes per position, teacher, k, and the experiments that used each."""
+    rows = admin.entries(resolve_root(root))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'id':20s} {'created':16s} {'k':>4s} {'rows':>7s} {'MB':>8s} {'B/pos':>6s}  teacher / experiments")
+    for e in rows:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["created"] or 0))
+        flag = "" if e["complete"] else " (incomplete)"
+        click.echo(f"{e['id']:20s} {created:16s} {e['k']:>4d} {e['rows'] or 0:>7d} {e['bytes'] / 1e6:>8.2f} "
+                   f"{e['bytes_per_position'] or 0:>6.1f}  {Path(e['teacher']).name}{flag} / "
+                   f"{', '.join(e['experiments']) or '-'}")
+
+
+@cache.command()
+@click.argument("ref")
+@ROOT
+def show(ref, root):
+    """The manifest of one score set (id, id prefix or path)."""
+    click.echo(json.dumps(read_json(admin.find(resolve_root(root), ref) / "manifest.json"), indent=1))
+
+
+@cache.command()
+@click.argument("ref", required=False)
+@ROOT
+@JSON
+def verify(ref, root, as_json):
+    """Check every shard's checksum (one score set, or all); exit 1 when something is wrong."""
+    root = resolve_root(root)
+    paths = [admin.find(root, ref)] if ref else [Path(e["path"]) for e in admin.entries(root)]
+    report = {str(p.name): admin.verify(p) for p in paths}
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        for name, problems in report.items():
+            click.echo(f"{name}: {'ok' if not problems else '; '.join(problems)}")
+    if any(report.values()):
+        raise SystemExit(1)
+
+
+@cache.command()
+@click.option("--dry-run", is_flag=True, help="List what would be removed.")
+@ROOT
+@JSON
+def gc(dry_run, root, as_json):
+    """Remove score sets and rollout sets that no experiment in the ledger references."""
+    removed = admin.collect(resolve_root(root), dry_run)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": [str(p) for p in removed]}, indent=1))
+    else:
+        verb = "would remove" if dry_run else "removed"
+        for path in removed:
+            click.echo(f"{verb} {path}")
+        click.echo(f"{len(removed)} entries {verb}")
+
+
+@cache.command()
+@click.argument("ref")
+@click.option("--format", "fmt", type=click.Choice(["parquet"]), default="parquet", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@ROOT
+def export(ref, fmt, out, root):
+    """Export a score set joined with its rollouts as one Parquet table (one row per sequence)."""
+    if Path(out).exists():
+        raise LopdError(f"{out} already exists; choose another --out")
+    click.echo(admin.export_parquet(admin.find(resolve_root(root), ref), Path(out)))
