@@ -31,14 +31,36 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def parse_loss_args(items: tuple[str, ...]) -> dict[str, str]:
+def parse_pairs(items: tuple[str, ...], option: str) -> dict[str, str]:
+    """Repeated `--option key=value` arguments as a dict of strings."""
     args = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise LopdError(f"--loss-arg expects key=value, got {item!r}")
+            raise LopdError(f"{option} expects key=value, got {item!r}")
         args[key.strip()] = value.strip()
     return args
+
+
+def parse_refresh(items: tuple[str, ...]) -> dict:
+    """`--refresh key=value` pairs typed after RefreshPolicy's fields."""
+    from dataclasses import fields
+
+    from lopd.drift import RefreshPolicy
+
+    types = {f.name: f.type for f in fields(RefreshPolicy)}
+    policy = {}
+    for key, value in parse_pairs(items, "--refresh").items():
+        if key not in types:
+            raise LopdError(f"--refresh {key}: unknown; choose from {', '.join(types)}")
+        if "bool" in str(types[key]):
+            policy[key] = value.lower() in ("1", "true", "yes", "on")
+        elif "int" in str(types[key]):
+            policy[key] = int(value)
+        else:
+            policy[key] = float(value)
+    RefreshPolicy(**policy)
+    return policy
 
 
 def find_artifact(ref: str, root: Path, kind: str) -> Path:
@@ -59,7 +81,12 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", required=True, help="Model that generates (HF directory or hub name).")
-@click.option("--prompts", required=True, type=click.Path(), help="JSON Lines file with a `prompt` field per line.")
+@click.option("--prompts", required=True, type=click.Path(),
+              help="Prompt source: .jsonl, .parquet, .csv, a `datasets` save_to_disk directory, or hf:NAME[:CONFIG]:SPLIT.")
+@click.option("--prompt-field", default="prompt", show_default=True, help="Field that holds the prompt text.")
+@click.option("--answer-field", default="answer", show_default=True, help="Field that holds the reference answer (optional per row).")
+@click.option("--chat", is_flag=True, help="Format each prompt with the model's chat template (one user turn + generation prompt).")
+@click.option("--system-prompt", default=None, help="System turn placed before each prompt (needs --chat).")
 @click.option("--n", default=1, show_default=True, help="Samples per prompt (one group per prompt).")
 @click.option("--temperature", default=1.0, show_default=True)
 @click.option("--top-p", default=1.0, show_default=True)
@@ -69,14 +96,19 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory (default: content-addressed under the root).")
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def rollout(model, prompts, n, temperature, top_p, max_tokens, seed, verifier, out, experiment, root):
+def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, top_p, max_tokens, seed,
+            verifier, out, experiment, root):
     """Generate rollouts with vLLM into a Parquet rollout set."""
+    from lopd.prompts import PromptFormat, load_prompts
     from lopd.rollout import SamplingConfig, rollout as run
 
     start = time.perf_counter()
+    prompt_format = PromptFormat(chat=chat, system_prompt=system_prompt)
+    prompt_format.validate()
+    rows = load_prompts(prompts, prompt_field, answer_field)
     sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    rollouts, reused = run(model, prompts, sampling, root=resolve_root(root), verifier=verifier, out=out,
-                          experiment=experiment)
+    rollouts, reused = run(model, rows, sampling, root=resolve_root(root), verifier=verifier, out=out,
+                          experiment=experiment, prompt_format=prompt_format)
     emit({"rollout_set": rollouts.id, "path": rollouts.path, "rows": len(rollouts), "reused": reused,
           "response_tokens": rollouts.meta["num_response_tokens"], "seconds": round(time.perf_counter() - start, 1)})
 
@@ -123,10 +155,17 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
 @click.option("--zero-stage", default=2, show_default=True, type=click.IntRange(0, 3))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--allow-teacher-mismatch", is_flag=True, help="Train OPD from a teacher other than the SFT data's teacher.")
+@click.option("--allow-lineage-mismatch", is_flag=True,
+              help="Train on a cache whose rollouts another model generated (off-policy).")
+@click.option("--refresh", "refresh_args", multiple=True,
+              help="Cache refresh policy key=value (repeatable): kl=0.05, weight_out_of_band=0.2, band=0.2, "
+                   "check_every=25, every_step=true. Needs --teacher.")
+@click.option("--teacher", default=None, help="Teacher that scored the cache (needed to re-score refreshed shards).")
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size, micro_batch_size, steps, epochs,
-          warmup_steps, zero_stage, seed, allow_teacher_mismatch, experiment, root):
+          warmup_steps, zero_stage, seed, allow_teacher_mismatch, allow_lineage_mismatch, refresh_args, teacher,
+          experiment, root):
     """Train a student with DeepSpeed from a cache (or rollout set, for SFT)."""
     from lopd.cache.reader import open_cache
     from lopd.losses import get_loss
@@ -139,10 +178,20 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
         raise LopdError("pass exactly one of --cache (a score set) or --rollouts (a rollout set, for --loss sft)")
     source = (open_cache(find_artifact(cache_ref, root, "scores")) if cache_ref
               else RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts")))
-    config = TrainConfig(loss=loss, loss_args=parse_loss_args(loss_args), lr=lr, batch_size=batch_size,
+    refresh = parse_refresh(refresh_args)
+    config = TrainConfig(loss=loss, loss_args=parse_pairs(loss_args, "--loss-arg"), lr=lr, batch_size=batch_size,
                          micro_batch_size=micro_batch_size, steps=steps, epochs=epochs, warmup_steps=warmup_steps,
-                         zero_stage=zero_stage, seed=seed, allow_teacher_mismatch=allow_teacher_mismatch)
-    result = run(student, source, config, Path(out), root=root, experiment=experiment)
+                         zero_stage=zero_stage, seed=seed, allow_teacher_mismatch=allow_teacher_mismatch,
+                         allow_lineage_mismatch=allow_lineage_mismatch, refresh=refresh)
+    context = None
+    if refresh:
+        if not teacher:
+            raise LopdError("--refresh needs --teacher (the model that scored the cache) to re-score refreshed shards")
+        from lopd.engine import EnginePool
+        from lopd.refresh import RefreshContext
+
+        context = RefreshContext(teacher, EnginePool(max_logprobs=max(source.k, 1)), root, experiment)
+    result = run(student, source, config, Path(out), root=root, experiment=experiment, refresh_context=context)
     emit({"checkpoint": result.checkpoint, "steps": result.steps, "tokens": result.tokens,
           "seconds": round(result.seconds, 1), "final": result.final_metrics})
 
@@ -191,18 +240,28 @@ def toy_prompts(split, n, out):
     click.echo(words.write_prompts_jsonl(words.make_prompts(split, n), out))
 
 
+@main.command("run")
+@click.argument("pipeline", type=click.Path())
+@click.option("--dry-run", is_flag=True, help="Print the plan (which stages run, which are reused) and stop.")
+@ROOT_OPTION
+def run_(pipeline, dry_run, root):
+    """Execute a pipeline file (TOML/YAML) from pipelines/; finished stages with unchanged inputs are skipped."""
+    from lopd.pipeline import load_spec, run_pipeline
+
+    run_pipeline(load_spec(pipeline), resolve_root(root), dry_run=dry_run)
+
+
 @main.command()
-@click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds (one full pipeline each).")
+@click.option("--seeds", default=None, help="Comma-separated seeds (default: the pipeline's, 0,1).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Results directory (default: <root>/demo).")
-@click.option("--quick", is_flag=True, help="A much smaller run (for smoke tests; numbers are not meaningful).")
+@click.option("--quick", is_flag=True, help="pipelines/smoke_toy.toml: seconds-scale, for smoke tests (numbers meaningless).")
 @ROOT_OPTION
 def demo(seeds, out, quick, root):
     """Lightning OPD on the bundled toy models, end to end, with SFT-more and online-OPD baselines."""
-    from lopd.demo import DemoConfig, run_demo
+    from lopd.demo import run_demo
 
-    config = DemoConfig.quick() if quick else DemoConfig()
     root = resolve_root(root)
-    run_demo(config, seeds=[int(s) for s in seeds.split(",")], root=root, out=Path(out) if out else root / "demo")
+    run_demo(quick, [int(s) for s in seeds.split(",")] if seeds else None, root, Path(out) if out else root / "demo")
 
 
 def _attach_subcommands() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from lopd.cost.ledger import record_stage
 from lopd.engine import build_llm, resolve_model
 from lopd.errors import LopdError
-from lopd.prompts import load_prompts
+from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.rollout import encode_prompts, load_tokenizer
 from lopd.verifier import load_verifier
 
@@ -35,27 +35,33 @@ def evaluate(
     llm=None,
     root: Path | None = None,
     experiment: str = "default",
+    prompt_format: PromptFormat = PLAIN,
 ) -> EvalResult:
-    """Sample `n` responses per prompt and score them. `llm`, if given, must already serve `model` (see EnginePool)."""
+    """Sample `n` responses per prompt and score them. `llm`, if given, must already serve `model` (see EnginePool).
+
+    `prompt_format` must be the one the model was trained with (a chat-trained model is evaluated through its
+    chat template).
+    """
     model = resolve_model(model)
     verify = load_verifier(verifier)
     if verify is None:
         raise LopdError("eval needs a verifier: pass --verifier module:function")
     rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
     tokenizer = load_tokenizer(model)
+    prompt_ids = encode_prompts(tokenizer, rows, prompt_format)
     with record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec:
-        result = _sample_and_verify(model, rows, tokenizer, verify, n, temperature, max_tokens, seed, llm)
+        result = _sample_and_verify(model, rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, llm)
         rec.tokens = result.samples
         rec.extra = {"accuracy": result.accuracy, "distinct_correct": result.distinct_correct}
     return result
 
 
-def _sample_and_verify(model, rows, tokenizer, verify, n, temperature, max_tokens, seed, llm) -> EvalResult:
+def _sample_and_verify(model, rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, llm) -> EvalResult:
     from vllm import SamplingParams
 
     engine = llm or build_llm(model, seed=seed)
     params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
-    outputs = engine.generate([{"prompt_token_ids": ids} for ids in encode_prompts(tokenizer, rows)], params, use_tqdm=False)
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     total, correct = 0.0, set()
     for row, request in zip(rows, outputs):
         for completion in request.outputs:

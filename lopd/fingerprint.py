@@ -61,3 +61,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
             "chat_template": getattr(tokenizer, "chat_template", None),
         }
     )
+
+
+def vocabulary_fingerprint(tokenizer) -> str:
+    """Token string -> id, and nothing else: what stored token ids mean.
+
+    Tokenizers with equal vocabulary fingerprints read each other's ids correctly even when their full
+    fingerprints differ (another chat template or normaliser).
+    """
+    return digest_json(tokenizer.get_vocab())

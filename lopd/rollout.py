@@ -11,9 +11,10 @@ from typing import Any
 
 from lopd.cost.ledger import record_stage
 from lopd.engine import build_llm, resolve_model
-from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint
+from lopd.errors import LopdError
+from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
 from lopd.lineage import read_lineage
-from lopd.prompts import load_prompts
+from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.rollout_set import RolloutSet, rollouts_dir, write_rollout_set
 from lopd.verifier import load_verifier
 
@@ -33,8 +34,30 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(model)
 
 
-def encode_prompts(tokenizer, rows: list[dict[str, Any]]) -> list[list[int]]:
-    return [tokenizer(r["prompt"])["input_ids"] for r in rows]
+def encode_prompts(tokenizer, rows: list[dict[str, Any]], prompt_format: PromptFormat = PLAIN) -> list[list[int]]:
+    """The exact ids the engine sees: the tokenizer's own encoding, or its chat template applied to each prompt.
+
+    These ids are stored with the rollouts, and teachers and students read them back: nothing re-tokenises.
+    """
+    if all("prompt_ids" in r for r in rows):  # ids recorded earlier (e.g. a refresh re-rolling stored prompts)
+        return [[int(i) for i in r["prompt_ids"]] for r in rows]
+    if not prompt_format.chat:
+        return [tokenizer(r["prompt"])["input_ids"] for r in rows]
+    if not getattr(tokenizer, "chat_template", None):
+        raise LopdError(f"the tokenizer of {tokenizer.name_or_path} has no chat template, so --chat cannot format "
+                        f"prompts; drop --chat or use a model whose tokenizer_config.json has a chat_template")
+    return [_apply_chat_template(tokenizer, prompt_format, r) for r in rows]
+
+
+def _apply_chat_template(tokenizer, prompt_format: PromptFormat, row: dict[str, Any]) -> list[int]:
+    from jinja2 import TemplateError
+
+    try:
+        return list(tokenizer.apply_chat_template(prompt_format.messages(row["prompt"]), add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    except TemplateError as exc:
+        raise LopdError(f"the chat template of {tokenizer.name_or_path} fails on prompt {row['id']}: {exc}; "
+                        f"fix the template or drop --chat/--system-prompt") from None
 
 
 def rollout(
@@ -48,20 +71,15 @@ def rollout(
     llm=None,
     quiet: bool = False,
     experiment: str = "default",
+    prompt_format: PromptFormat = PLAIN,
 ) -> tuple[RolloutSet, bool]:
     """Generate (or find already generated) rollouts. Returns the set and whether it was reused."""
+    prompt_format.validate()
     model = resolve_model(model)
     rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
     tokenizer = load_tokenizer(model)
-    prompt_ids = encode_prompts(tokenizer, rows)
-    identity = {
-        "kind": "rollouts",
-        "model_fingerprint": model_fingerprint(model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "sampling": asdict(sampling),
-        "prompts": digest_json([[r["id"], ids, r.get("answer")] for r, ids in zip(rows, prompt_ids)]),
-        "verifier": verifier or "",
-    }
+    prompt_ids = encode_prompts(tokenizer, rows, prompt_format)
+    identity = rollout_identity(model, tokenizer, sampling, rows, prompt_ids, verifier, prompt_format)
     set_id = "r-" + digest_json(identity)
     path = Path(out) if out else rollouts_dir(root) / set_id
     if (path / "meta.json").is_file():
@@ -74,8 +92,29 @@ def rollout(
     with record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec:
         rollouts = _generate(model, rows, prompt_ids, tokenizer, sampling, verify, llm, quiet)
         rec.tokens = sum(len(r["response_ids"]) for r in rollouts)
-    meta = dict(identity, id=set_id, model=model, lineage=read_lineage(model), engine=engine_version())
+    meta = dict(identity, id=set_id, model=model, lineage=read_lineage(model), engine=engine_version(),
+                prompt_format=asdict(prompt_format), vocab_fingerprint=vocabulary_fingerprint(tokenizer))
     return write_rollout_set(path, rollouts, meta), False
+
+
+def rollout_identity(model: str, tokenizer, sampling: SamplingConfig, rows: list[dict[str, Any]],
+                     prompt_ids: list[list[int]], verifier: str | None, prompt_format: PromptFormat) -> dict[str, Any]:
+    """Everything that determines a rollout set; its hash is the set id.
+
+    The prompt format enters only when it is a chat format, so plain-text rollout sets keep the ids they had
+    before chat templates were supported (their caches stay reachable).
+    """
+    identity = {
+        "kind": "rollouts",
+        "model_fingerprint": model_fingerprint(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "sampling": asdict(sampling),
+        "prompts": digest_json([[r["id"], ids, r.get("answer")] for r, ids in zip(rows, prompt_ids)]),
+        "verifier": verifier or "",
+    }
+    if prompt_format.chat:
+        identity["prompt_format"] = asdict(prompt_format)
+    return identity
 
 
 def _generate(model, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, llm, quiet) -> list[dict[str, Any]]:
@@ -91,6 +130,9 @@ def _generate(model, rows, prompt_ids, tokenizer, sampling: SamplingConfig, veri
 
     records = []
     for group_id, (row, ids, request) in enumerate(zip(rows, prompt_ids, outputs)):
+        if list(request.prompt_token_ids) != ids:
+            raise LopdError(f"vLLM generated prompt {row['id']} from other token ids than the ones given; "
+                            f"the rollout set would not match its own prompts, so nothing was written")
         for sample_index, completion in enumerate(request.outputs):
             response = list(completion.token_ids)
             text = tokenizer.decode(response, skip_special_tokens=True)

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from lopd.cache import open_cache
 from lopd.cache.admin import entries, verify
-from lopd.cache.layout import id_dtype, read_shard, shard_checksum, write_shard
+from lopd.cache.layout import encode_ids, id_dtype, read_shard, read_stored, shard_bytes, shard_checksum, write_shard
 from lopd.cache.score_set import ScoreSetWriter
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint
@@ -199,3 +199,93 @@ def test_cache_ls_reports_size_and_bytes_per_position(score_set, tmp_path):
     assert entry["id"] == "s-synthetic" and entry["complete"] and entry["positions"] > 0
     assert entry["bytes_per_position"] == round(entry["bytes"] / entry["positions"], 1)
     assert json.loads((score_set / "manifest.json").read_text())["format_version"] == 1
+
+
+# ---- the compact shard encoding (lopd.cache.layout; measured in tools/bench_cache.py) ----------------------------
+
+def _load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_cache.py"
+    spec = importlib.util.spec_from_file_location("bench_cache", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize]) if a.dtype.kind == "f" else a
+
+
+@pytest.mark.parametrize("vocab", [64, 65_536, 151_936])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_encoded_shard_round_trips_bit_exactly(tmp_path, vocab, dtype):
+    """Ids, top-k, sampled and tail log-probs come back with identical bits and dtypes, sorted or not,
+    including +0/-0, the -1e4 floor, -inf and NaN, and sampled values inside and outside the top-k."""
+    rng = np.random.default_rng(vocab)
+    n, k = 3000, 32
+    top = -np.sort(rng.exponential(3.0, (n, k)), axis=1)
+    top[::7] = rng.permutation(top[::7].T).T  # unsorted rows too
+    top[1, 0], top[2, 0], top[3, -1], top[4, -1], top[5, 3] = 0.0, -0.0, -1e4, -np.inf, np.nan
+    top = top.astype(dtype)
+    sampled = np.where(rng.random(n) < 0.8, top[np.arange(n), rng.integers(0, k, n)], -rng.exponential(20, n)).astype(dtype)
+    sampled[10], sampled[11] = -0.0, np.nan
+    top[10, 5] = 0.0  # +0 in the row must not stand in for a sampled -0
+    arrays = {"offsets": np.array([0, 1000, 1000, n], np.int64), "sampled_logprob": sampled,
+              "topk_ids": np.stack([rng.choice(vocab, k, replace=False) for _ in range(n)]).astype(id_dtype(vocab)),
+              "topk_logprobs": top, "tail_logprob": (-rng.exponential(5, n)).astype(dtype)}
+    write_shard(tmp_path / "s", arrays)
+    stored = read_stored(tmp_path / "s")
+    assert "topk_ids" not in stored and "topk_logprobs" not in stored and "sampled_logprob" not in stored
+    back = read_shard(tmp_path / "s")
+    assert sorted(back) == sorted(arrays)
+    for name, value in arrays.items():
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape, name
+        np.testing.assert_array_equal(_bits(back[name]), _bits(value), err_msg=name)
+
+
+def test_empty_shard_and_plain_layout_round_trip(tmp_path):
+    empty = {"offsets": np.zeros(1, np.int64), "sampled_logprob": np.zeros(0, np.float16),
+             "topk_ids": np.zeros((0, 8), np.uint32), "topk_logprobs": np.zeros((0, 8), np.float16),
+             "tail_logprob": np.zeros(0, np.float16)}
+    write_shard(tmp_path / "empty", empty)
+    back = read_shard(tmp_path / "empty")
+    for name, value in empty.items():
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape, name
+    rng = np.random.default_rng(3)
+    plain = {"offsets": np.array([0, 5], np.int64), "sampled_logprob": (-rng.random(5)).astype(np.float16),
+             "topk_ids": rng.integers(0, 1000, (5, 4)).astype(np.uint16),
+             "topk_logprobs": (-rng.random((5, 4))).astype(np.float16), "tail_logprob": (-rng.random(5)).astype(np.float16)}
+    write_shard(tmp_path / "plain", plain, encode=False)  # the logical arrays stored as-is: still readable
+    assert "topk_ids" in read_stored(tmp_path / "plain")
+    back = read_shard(tmp_path / "plain")
+    for name, value in plain.items():
+        np.testing.assert_array_equal(back[name], value)
+
+
+def test_id_codes_follow_frequency():
+    ids = np.array([[7, 3, 9], [3, 7, 100_000], [3, 9, 7]], np.uint32)
+    codes, table = encode_ids(ids)
+    assert codes.dtype == np.uint8 and table.dtype == np.uint32
+    assert table.tolist() == [3, 7, 9, 100_000]  # by descending count, ties by id
+    np.testing.assert_array_equal(table[codes], ids)
+
+
+def test_bytes_per_position_and_error_at_k32(tmp_path):
+    """Realistic synthetic teacher signal (tools/bench_cache.py generator), k=32: <= 100 bytes per position on
+    151,936- and 65,536-token vocabularies; float16 error <= 1e-2 nats for every log-prob >= -32."""
+    bench = _load_bench()
+    for seed, vocab in enumerate((151_936, 65_536)):
+        truth = bench.make_truth(seed, 96, vocab)
+        arrays = bench.logical_arrays(truth, "zipf", "float16")
+        positions = len(arrays["sampled_logprob"])
+        write_shard(tmp_path / str(vocab), arrays)
+        assert shard_bytes(tmp_path / str(vocab)) / positions <= 100
+        back = read_shard(tmp_path / str(vocab))
+        np.testing.assert_array_equal(back["topk_ids"].astype(np.int64), truth["ids"]["zipf"])
+        for name, ref in (("topk_logprobs", truth["top"]), ("sampled_logprob", truth["sampled"]),
+                          ("tail_logprob", truth["tail"])):
+            err = np.abs(back[name].astype(np.float64) - ref)
+            assert err[ref >= -32].max() <= 1e-2, name
+            assert (err <= np.abs(ref) * 2.0 ** -11 + 1e-7).all(), name  # float16 rounding, relative

@@ -54,9 +54,10 @@ def test_prompts_in_wrong_format(tmp_path):
     bad.write_text('{"text": "ab="}\n')
     result = lopd("rollout", "--model", str(TEACHER_DIR), "--prompts", str(bad), root=tmp_path)
     assert_one_line_error(result, "'prompt'", "line 1")
-    csv = tmp_path / "p.csv"
-    csv.write_text("prompt\nab=\n")
-    assert_one_line_error(lopd("rollout", "--model", str(TEACHER_DIR), "--prompts", str(csv), root=tmp_path), "JSON Lines")
+    text = tmp_path / "p.txt"
+    text.write_text("ab=\n")
+    assert_one_line_error(lopd("rollout", "--model", str(TEACHER_DIR), "--prompts", str(text), root=tmp_path),
+                          "unknown format '.txt'", "JSON Lines")
     assert not (tmp_path / "rollouts").exists()
 
 

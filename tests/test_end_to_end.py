@@ -80,8 +80,10 @@ def test_cached_teacher_logprobs_match_transformers(teacher_cache):
         topk = torch.tensor(seq.topk_ids.astype(np.int64))
         np.testing.assert_allclose(seq.topk_logprobs, ref.gather(-1, topk).numpy(), atol=1e-3)
         np.testing.assert_allclose(seq.topk_logprobs, ref.topk(8, dim=-1).values.numpy(), atol=1e-3)
-        tail = np.log1p(-np.exp(ref.topk(8, dim=-1).values.double().numpy()).sum(-1).clip(max=1 - 1e-12))
-        np.testing.assert_allclose(seq.tail_logprob, tail, atol=1e-3)
+        # The tail mass 1 - sum(top-k) is compared as a mass: its log is ill-conditioned when the mass is tiny
+        # (float32 rounding of the top-k alone moves log(2e-5) by ~1e-2).
+        tail = 1.0 - np.exp(ref.topk(8, dim=-1).values.double().numpy()).sum(-1)
+        np.testing.assert_allclose(seq.tail_mass, tail, atol=1e-5)
 
 
 def test_float16_cache_within_1e2_nats(pool, root, rollouts, teacher_cache):
@@ -121,7 +123,9 @@ def test_lightning_advantage_is_zero_when_teacher_is_student(pool, root, rollout
 def test_deepspeed_step_raises_teacher_preferred_tokens(teacher_cache, tmp_path):
     """One DeepSpeed step of `lightning` moves the student toward tokens the teacher prefers."""
     before, mask = lightning_advantages(STUDENT, teacher_cache)
-    config = TrainConfig(loss="lightning", lr=3e-3, batch_size=48, steps=1, zero_stage=2, seed=0)
+    # The student base did not generate these (teacher) rollouts: an off-policy step, allowed explicitly.
+    config = TrainConfig(loss="lightning", lr=3e-3, batch_size=48, steps=1, zero_stage=2, seed=0,
+                         allow_lineage_mismatch=True)
     result = train(STUDENT, teacher_cache, config, tmp_path / "ckpt", quiet=True)
     after, _ = lightning_advantages(str(result.checkpoint), teacher_cache)
     # advantage = teacher - student, so a drop in advantage is a rise in student log-prob.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -31,14 +32,27 @@ def job(pool, tmp_path_factory):
     return rollouts, open_cache(reference.path)
 
 
-def lopd_score(rollouts, out, crash_at: str | None = None) -> subprocess.Popen:
+def lopd_score(rollouts, out, log, crash_at: str | None = None) -> subprocess.Popen:
+    """`lopd score` in its own session, output to a file: a SIGKILLed parent leaves its vLLM engine processes
+    behind (holding any pipes), exactly as a killed job would, so the test reaps the whole session itself."""
     env = dict(os.environ)
     env.pop("LOPD_CRASH_AT", None)
     if crash_at:
         env["LOPD_CRASH_AT"] = crash_at
     return subprocess.Popen([sys.executable, "-m", "lopd.cli", "score", "--teacher", TEACHER, "--rollouts",
                              str(rollouts.path), "--out", str(out), *ARGS], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
+    """Wait for the process, then kill whatever it left in its session (orphaned engine processes)."""
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def assert_same_cache(path, reference) -> None:
@@ -57,14 +71,11 @@ def assert_same_cache(path, reference) -> None:
 def test_killed_scorer_resumes_to_an_identical_cache(job, tmp_path, crash_at):
     rollouts, reference = job
     out = tmp_path / "cache"
-    killed = lopd_score(rollouts, out, crash_at)
-    killed.communicate(timeout=300)
-    assert killed.returncode == -9  # SIGKILL, no cleanup ran
+    assert finish(lopd_score(rollouts, out, tmp_path / "killed.log", crash_at)) == -9  # SIGKILL: no cleanup ran
     with pytest.raises(Exception, match="incomplete"):
         open_cache(out)
-    resumed = lopd_score(rollouts, out)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
+    log = tmp_path / "resumed.log"
+    assert finish(lopd_score(rollouts, out, log)) == 0, log.read_text()[-2000:]
     assert_same_cache(out, reference)
     assert not list((out / ".staging").iterdir())
 
@@ -72,8 +83,8 @@ def test_killed_scorer_resumes_to_an_identical_cache(job, tmp_path, crash_at):
 def test_two_concurrent_scorers_do_not_lose_rows(job, tmp_path):
     rollouts, reference = job
     out = tmp_path / "cache"
-    first, second = lopd_score(rollouts, out), lopd_score(rollouts, out)
-    for proc in (first, second):
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = [lopd_score(rollouts, out, log) for log in logs]
+    for proc, log in zip(procs, logs):
+        assert finish(proc) == 0, log.read_text()[-2000:]
     assert_same_cache(out, reference)

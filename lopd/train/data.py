@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lopd.cache.reader import ScoreCache
+from lopd.errors import LopdError
 from lopd.losses.base import LossInputs
 from lopd.rollout_set import RolloutSet
 
@@ -16,24 +17,40 @@ from lopd.rollout_set import RolloutSet
 class SequenceDataset(Dataset):
     """Item i = rollout row i as numpy arrays; teacher fields present only when backed by a score set."""
 
-    def __init__(self, source: ScoreCache | RolloutSet):
+    def __init__(self, source: ScoreCache | RolloutSet, base: ScoreCache | None = None):
         self.cache = source if isinstance(source, ScoreCache) else None
         self.rollouts = source.rollouts if isinstance(source, ScoreCache) else source
+        self.base = base  # a second score set over the same rollouts, scored by the base/reference model (G-OPD)
+        self.replaced: dict[int, tuple[ScoreCache, int]] = {}  # row -> (refreshed score set, its row)
+        if base is not None and (self.cache is None or base.rollouts.id != self.rollouts.id):
+            raise LopdError("the base score set must score the same rollout set as the teacher cache")
 
     def __len__(self) -> int:
         return len(self.rollouts)
 
+    def replace(self, index: int, cache: ScoreCache, row: int) -> None:
+        """Serve row `index` from a refreshed score set from now on (its group id is kept)."""
+        if self.base is not None:
+            raise LopdError("cache refresh cannot be combined with a base score set (G-OPD) yet")
+        self.replaced[index] = (cache, row)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.cache is not None:
-            seq = self.cache[index]
-            return {
+            cache, row = self.replaced.get(index, (self.cache, index))
+            seq = cache[row]
+            item = {
+                "row": index,
                 "prompt_ids": seq.prompt_ids, "response_ids": seq.response_ids,
-                "behaviour_logprobs": seq.behaviour_logprobs, "reward": seq.reward, "group_id": seq.group_id,
+                "behaviour_logprobs": seq.behaviour_logprobs, "reward": seq.reward,
+                "group_id": int(self.rollouts.group_ids[index]),
                 "teacher_logprobs": seq.teacher_logprobs, "topk_ids": seq.topk_ids, "topk_logprobs": seq.topk_logprobs,
             }
+            if self.base is not None:
+                item["base_logprobs"] = self.base[index].teacher_logprobs
+            return item
         r = self.rollouts
         return {
-            "prompt_ids": r.prompt_ids[index], "response_ids": r.response_ids[index],
+            "row": index, "prompt_ids": r.prompt_ids[index], "response_ids": r.response_ids[index],
             "behaviour_logprobs": r.behaviour_logprobs[index], "reward": float(r.rewards[index]),
             "group_id": int(r.group_ids[index]),
         }
@@ -45,6 +62,7 @@ class Batch:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    rows: torch.Tensor | None  # dataset row of each sequence (None for live-sampled batches)
     positions: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
@@ -89,4 +107,7 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> Batch:
         fields["teacher_logprobs"] = _pad([i["teacher_logprobs"].astype(np.float32) for i in items], steps, 0.0, np.float32)
         fields["topk_ids"] = _pad([i["topk_ids"].astype(np.int64) for i in items], steps, 0, np.int64)
         fields["topk_logprobs"] = _pad([i["topk_logprobs"].astype(np.float32) for i in items], steps, 0.0, np.float32)
-    return Batch(input_ids, attention, positions, tokens, mask, fields)
+    if "base_logprobs" in items[0]:
+        fields["base_logprobs"] = _pad([i["base_logprobs"].astype(np.float32) for i in items], steps, 0.0, np.float32)
+    rows = torch.tensor([i["row"] for i in items]) if "row" in items[0] else None
+    return Batch(input_ids, attention, rows, positions, tokens, mask, fields)

@@ -20,12 +20,15 @@ from tqdm import tqdm
 
 from lopd.cache.reader import ScoreCache
 from lopd.cost.ledger import record_stage
+from lopd.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
 from lopd.engine import resolve_model
 from lopd.errors import LopdError
 from lopd.fingerprint import model_fingerprint
+from lopd.guards import check_training_inputs
 from lopd.lineage import read_lineage, write_lineage
 from lopd.losses import get_loss
-from lopd.losses.base import LossSpec, masked_mean, token_logprobs
+from lopd.losses.base import LossSpec
+from lopd.refresh import Refresher, RefreshContext
 from lopd.rollout_set import RolloutSet
 from lopd.train import distributed
 from lopd.train.data import Batch, SequenceDataset, collate
@@ -49,6 +52,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     allow_teacher_mismatch: bool = False
+    allow_lineage_mismatch: bool = False
+    refresh: dict[str, Any] = field(default_factory=dict)  # RefreshPolicy fields; empty = never (Lightning OPD)
 
 
 @dataclass
@@ -58,6 +63,7 @@ class TrainResult:
     tokens: int
     seconds: float
     final_metrics: dict[str, float]
+    refresh: dict[str, float] = field(default_factory=dict)
 
 
 def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
@@ -88,14 +94,35 @@ def check_teacher_consistency(student: str, cache: ScoreCache, allow: bool) -> N
         )
 
 
-def offline_batches(source: ScoreCache | RolloutSet, config: TrainConfig, micro: int, pad_id: int) -> Iterator[Batch]:
-    """Shuffled micro-batches over the cache, epoch after epoch, each rank seeing its own slice."""
+class HookedBatchSampler:
+    """Yields each micro-batch's row indices after calling `before(rows)`: the point where an every-step
+    refresh re-samples exactly the rows about to be trained on, before the DataLoader reads them."""
+
+    def __init__(self, sampler, micro: int, before: Callable[[list[int]], None] | None):
+        from torch.utils.data import BatchSampler
+
+        self.batches = BatchSampler(sampler, micro, drop_last=False)
+        self.before = before
+
+    def __iter__(self):
+        for rows in self.batches:
+            if self.before is not None:
+                self.before(rows)
+            yield rows
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def offline_batches(dataset: SequenceDataset, config: TrainConfig, micro: int, pad_id: int,
+                    before: Callable[[list[int]], None] | None = None) -> Iterator[Batch]:
+    """Shuffled micro-batches over the cache through a DataLoader, epoch after epoch, each rank its own slice."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    dataset = SequenceDataset(source)
     sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
                                  shuffle=True, seed=config.seed, drop_last=False)
-    loader = DataLoader(dataset, batch_size=micro, sampler=sampler, collate_fn=partial(collate, pad_id=pad_id))
+    loader = DataLoader(dataset, batch_sampler=HookedBatchSampler(sampler, micro, before),
+                        collate_fn=partial(collate, pad_id=pad_id))
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
@@ -118,40 +145,55 @@ def train(
     metrics_extra: dict[str, Any] | None = None,
     root: Path | None = None,
     experiment: str = "default",
+    base: ScoreCache | None = None,
+    refresh_context: RefreshContext | None = None,
 ) -> TrainResult:
-    """Train `student` on `source`, or on `batches(model)` from a live sampler, and save a HF checkpoint to `out_dir`."""
+    """Train `student` on `source`, or on `batches(model)` from a live sampler, and save a HF checkpoint to `out_dir`.
+
+    With `config.refresh` thresholds (and a `refresh_context` naming the teacher and engines), stale cache shards
+    are re-rolled and re-scored during training (lopd.refresh).
+    """
     student = resolve_model(student)
     spec: LossSpec = get_loss(config.loss)
     loss_args = spec.resolve_args(config.loss_args)
+    policy = RefreshPolicy(**config.refresh)
+    if policy.enabled and (not isinstance(source, ScoreCache) or refresh_context is None):
+        raise LopdError("cache refresh needs a score set (--cache) and the teacher that scored it")
+    if source is not None:
+        check_training_inputs(student, source, allow_lineage_mismatch=config.allow_lineage_mismatch)
     if isinstance(source, ScoreCache):
         check_teacher_consistency(student, source, config.allow_teacher_mismatch)
     if source is not None:
         available = {"behaviour_logprobs", "rewards", "group_ids"}
         if isinstance(source, ScoreCache):
             available |= {"teacher_logprobs", "topk"}
+        if base is not None:
+            available.add("base_logprobs")
         spec.check_inputs(available)
 
     inputs = [student]
     if isinstance(source, ScoreCache):
-        inputs += [source.id, source.rollouts.id]
+        inputs += [source.id, source.rollouts.id] + ([base.id] if base is not None else [])
     elif isinstance(source, RolloutSet):
         inputs += [source.id]
     deepspeed = distributed.init_process_group()
     if distributed.rank() != 0:
-        return _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, metrics_extra, deepspeed)
+        return _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, metrics_extra, deepspeed, base,
+                        refresh_context)
     stage = "sft" if config.loss == "sft" else "train"
     with record_stage(root, experiment=experiment, stage=stage, method=config.loss, artifact=str(Path(out_dir).resolve()),
                       inputs=inputs) as rec:
-        result = _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, metrics_extra, deepspeed)
+        result = _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, metrics_extra, deepspeed, base,
+                        refresh_context)
         rec.tokens = result.tokens
-        rec.extra = {"steps": result.steps}
+        rec.extra = {"steps": result.steps, **result.refresh}
         if distributed.world_size() > 1:
             rec.device_count = distributed.world_size()
     return result
 
 
 def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_dir: Path, batches, quiet,
-           metrics_extra, deepspeed) -> TrainResult:
+           metrics_extra, deepspeed, base: ScoreCache | None, refresh_context: RefreshContext | None) -> TrainResult:
     """The training loop proper (every rank runs it; rank 0 also writes metrics and the checkpoint)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,11 +210,27 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     micro = ds_config["train_micro_batch_size_per_gpu"]
     accumulation = ds_config["gradient_accumulation_steps"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stream = batches(engine.module) if batches is not None else offline_batches(source, config, micro, pad_id)
-
     out_dir.mkdir(parents=True, exist_ok=True)
+    policy = RefreshPolicy(**config.refresh)
+    drift = ShardDrift(source.manifest["rows_per_shard"] if isinstance(source, ScoreCache) else 1 << 62)
+    refresher = None
+    step = 0
+    if batches is not None:
+        stream = batches(engine.module)
+    else:
+        dataset = SequenceDataset(source, base)
+        if policy.enabled:
+            if distributed.world_size() > 1 or config.zero_stage == 3:
+                raise LopdError("cache refresh runs in one process with ZeRO stage <= 2 for now")
+            refresher = Refresher(source, dataset, refresh_context, out_dir / "refresh")
+        before = None
+        if refresher is not None and policy.every_step:
+            before = lambda rows: refresher.refresh(list(rows), engine.module, tokenizer, step)  # noqa: E731
+        stream = offline_batches(dataset, config, micro, pad_id, before)
+
     is_main = distributed.rank() == 0
     metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
+    drift_file = (out_dir / "drift.jsonl").open("w") if is_main and isinstance(source, ScoreCache) else None
     start = time.perf_counter()
     tokens_seen = 0
     window: dict[str, list[float]] = {}
@@ -188,37 +246,49 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
             engine.backward(out.loss)
             engine.step()
             tokens_seen += batch.num_tokens
-            for key, value in {"loss": out.loss.item(), **out.metrics, **drift_metrics(inputs)}.items():
+            drift.add(token_drift(inputs, policy.band), batch.rows if batch.rows is not None else
+                      torch.zeros(len(batch.input_ids), dtype=torch.long))
+            for key, value in {"loss": out.loss.item(), **out.metrics}.items():
                 window.setdefault(key, []).append(value)
+        if refresher is not None and not policy.every_step and step % policy.check_every == 0:
+            stale = policy.stale(drift)
+            if stale:
+                if drift_file:
+                    drift_file.write(json.dumps({"step": step, "refresh": stale, "shards": {
+                        s: drift.shards[s].summary() for s in stale}}) + "\n")
+                refresher.refresh(refresher.shard_rows(stale), engine.module, tokenizer, step, stale)
+                drift.reset(stale)
         if step % config.log_every == 0 or step == total_steps:
             elapsed = time.perf_counter() - start
             last = {k: sum(v) / len(v) for k, v in window.items()}
+            last.update(drift.overall.summary())
+            drift.overall = DriftStats()
             window.clear()
             record = {"step": step, **{k: round(v, 6) for k, v in last.items()},
                       "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / elapsed, 1),
-                      "lr": scheduler.get_last_lr()[0], **(metrics_extra or {})}
+                      "lr": scheduler.get_last_lr()[0], **(refresher.summary() if refresher else {}),
+                      **(metrics_extra or {})}
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if drift_file:
+                drift_file.write(json.dumps({"step": step, "shards": {
+                    s: d.summary() for s, d in sorted(drift.shards.items())}}) + "\n")
+                drift_file.flush()
+            postfix = {"loss": f"{last['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            if "kl" in last:
+                postfix.update(kl=f"{last['kl']:.3f}", w=f"{last['importance_weight']:.3f}")
+            if refresher:
+                postfix["refreshes"] = len(refresher.generations)
+            bar.set_postfix(postfix)
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
-    if metrics_file:
-        metrics_file.close()
+    for f in (metrics_file, drift_file):
+        if f:
+            f.close()
     save_checkpoint(engine, tokenizer, out_dir, config, student, source)
-    return TrainResult(out_dir, total_steps, tokens_seen, seconds, last)
-
-
-@torch.no_grad()
-def drift_metrics(inputs) -> dict[str, float]:
-    """Importance weight current-student / behaviour-policy on the cached tokens, and its k3 KL estimate."""
-    if inputs.behaviour_logprobs is None:
-        return {}
-    log_ratio = (token_logprobs(inputs.logits.detach(), inputs.tokens) - inputs.behaviour_logprobs) * inputs.mask
-    weight = log_ratio.exp()
-    k3 = (weight - 1) - log_ratio  # Schulman's k3 estimator of KL(behaviour || student), >= 0
-    return {"importance_weight": masked_mean(weight, inputs.mask).item(), "kl_k3": masked_mean(k3, inputs.mask).item()}
+    return TrainResult(out_dir, total_steps, tokens_seen, seconds, last, refresher.summary() if refresher else {})
 
 
 def save_checkpoint(engine, tokenizer, out_dir: Path, config: TrainConfig, student: str, source) -> None:

@@ -1,0 +1,201 @@
+"""`lopd run PIPELINE`: execute a declarative pipeline (TOML or YAML) of rollout, score, train and eval stages.
+
+A pipeline names its models and prompt sets, then lists stages; a stage refers to models, prompt sets and
+earlier stages by name. Every stage gets a key: the hash of its own spec and the keys of the stages it
+reads, so the key changes exactly when its inputs change. Finished stages are recorded in
+`<root>/runs/<pipeline>/seed<N>/state.json`; a rerun (or a run that was interrupted) skips every stage
+whose key is recorded with an existing output, and `--dry-run` prints that plan without running anything.
+Rollout and score stages are content-addressed on top of that: a stage that must run but whose artifact
+already exists costs nothing (a cache hit in the ledger).
+"""
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import json
+import statistics
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from lopd.errors import LopdError
+from lopd.fingerprint import digest_json
+from lopd.storage import read_json, write_json_atomic
+
+STAGE_KINDS = ("rollout", "score", "train", "eval")
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LopdError(f"pipeline {path} does not exist; see pipelines/ for examples")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            spec = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            spec = yaml.safe_load(text)
+        else:
+            raise LopdError(f"pipeline {path}: expected a .toml or .yaml file")
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise LopdError(f"pipeline {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+    spec.setdefault("name", path.stem)
+    return spec
+
+
+@dataclass
+class Stage:
+    id: str
+    kind: str
+    params: dict[str, Any]
+    reads: list[str] = field(default_factory=list)  # stage ids this stage depends on
+    key: str = ""
+
+
+def expand_stages(spec: dict[str, Any]) -> list[Stage]:
+    """Stages in order, with `matrix` stages expanded (one per combination; `{name}` in the id is filled)."""
+    stages: list[Stage] = []
+    for raw in spec.get("stages", []):
+        raw = dict(raw)
+        kind = raw.pop("run", None)
+        if kind not in STAGE_KINDS:
+            raise LopdError(f"pipeline stage {raw.get('id', '?')!r}: `run` must be one of {', '.join(STAGE_KINDS)}")
+        matrix = raw.pop("matrix", {})
+        overrides = raw.pop("overrides", {})
+        names = list(matrix)
+        for values in itertools.product(*(matrix[n] for n in names)) if names else [()]:
+            combo = dict(zip(names, values))
+            params = {k: v for k, v in raw.items() if k != "id"}
+            params.update(combo)
+            for value in combo.values():
+                params.update(overrides.get(str(value), {}))
+            stage_id = raw.get("id", kind).format(**combo)
+            if any(s.id == stage_id for s in stages):
+                raise LopdError(f"pipeline stage id {stage_id!r} appears twice")
+            stages.append(Stage(stage_id, kind, params))
+    return stages
+
+
+REFERENCE_FIELDS = {"rollout": ("model",), "score": ("teacher", "rollouts"), "train": ("student", "rollouts", "cache", "base_cache", "teacher"),
+                    "eval": ("models",)}
+
+
+def resolve_dependencies(stages: list[Stage], spec: dict[str, Any]) -> None:
+    """Fill `reads` and each stage's key (hash of its params, the models/prompts it names and its inputs' keys)."""
+    models = spec.get("models", {})
+    prompts = spec.get("prompts", {})
+    by_id: dict[str, Stage] = {}
+    for stage in stages:
+        for name in REFERENCE_FIELDS[stage.kind]:
+            refs = stage.params.get(name)
+            for ref in refs if isinstance(refs, list) else [refs] if refs else []:
+                matched = [s for s in by_id if fnmatch.fnmatchcase(s, ref)] if stage.kind == "eval" else (
+                    [ref] if ref in by_id else [])
+                if not matched and ref not in models:
+                    raise LopdError(f"pipeline stage {stage.id!r}: {name} {ref!r} is neither a model in [models] "
+                                    f"nor an earlier stage")
+                stage.reads += matched
+        if "prompts" in stage.params and stage.params["prompts"] not in prompts:
+            raise LopdError(f"pipeline stage {stage.id!r}: prompts {stage.params['prompts']!r} is not in [prompts]")
+        stage.key = digest_json({
+            "kind": stage.kind, "params": stage.params, "inputs": [by_id[r].key for r in stage.reads],
+            "models": {m: models[m] for m in models}, "prompts": prompts.get(stage.params.get("prompts")),
+        })
+        by_id[stage.id] = stage
+
+
+class RunState:
+    """Which stages of one (pipeline, seed) finished, with their keys and outputs; written after every stage."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, Any] = read_json(path)["stages"] if path.is_file() else {}
+
+    def finished(self, stage: Stage) -> dict[str, Any] | None:
+        entry = self.done.get(stage.id)
+        if entry and entry["key"] == stage.key and Path(entry["output"]["path"]).exists():
+            return entry["output"]
+        return None
+
+    def record(self, stage: Stage, output: dict[str, Any], seconds: float) -> None:
+        self.done[stage.id] = {"key": stage.key, "output": output, "seconds": round(seconds, 2)}
+        write_json_atomic(self.path, {"stages": self.done})
+
+
+@dataclass
+class Plan:
+    seed: int
+    stages: list[Stage]
+    state: RunState
+
+    def describe(self) -> list[str]:
+        return [f"seed {self.seed}  {'reuse' if self.state.finished(s) else 'run  '}  {s.kind:8s} {s.id}"
+                for s in self.stages]
+
+
+def plan(spec: dict[str, Any], root: Path) -> list[Plan]:
+    plans = []
+    for seed in spec.get("seeds", [0]):
+        stages = expand_stages(spec)
+        for stage in stages:
+            stage.params.setdefault("seed", seed)
+        resolve_dependencies(stages, spec)
+        plans.append(Plan(seed, stages, RunState(root / "runs" / spec["name"] / f"seed{seed}" / "state.json")))
+    return plans
+
+
+def run_pipeline(spec: dict[str, Any], root: Path, dry_run: bool = False) -> dict[str, Any] | None:
+    from lopd.pipeline_stages import StageRunner
+
+    plans = plan(spec, root)
+    for p in plans:
+        for line in p.describe():
+            print(line)
+    if dry_run:
+        return None
+    out_dir = root / "runs" / spec["name"]
+    results: dict[str, Any] = {"pipeline": spec["name"], "seeds": {}}
+    runner = StageRunner(spec, root)
+    try:
+        for p in plans:
+            results["seeds"][str(p.seed)] = runner.run_plan(p, out_dir / f"seed{p.seed}")
+    finally:
+        runner.close()
+    write_json_atomic(out_dir / "results.json", results)
+    table = results_table(results)
+    (out_dir / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwritten: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    return results
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Evaluated models (rows) by seed: accuracy, plus the seconds of the stage that produced each model."""
+    seeds = list(results["seeds"])
+    models = list(dict.fromkeys(m for s in seeds for m in results["seeds"][s]["evals"]))
+    refresh_cols = ("refreshes", "refresh_rollout_seconds", "refresh_teacher_seconds")
+    with_refresh = any(results["seeds"][s].get("refreshes") for s in seeds)
+    header = "| model | " + " | ".join(f"seed {s} acc % (distinct)" for s in seeds) + " | mean acc % | train s |"
+    if with_refresh:
+        header += " refreshes | refresh rollout s | refresh teacher s |"
+    lines = [header, "|---|" + "---|" * (len(seeds) + 2 + 3 * with_refresh)]
+
+    def mean_of(values: list[float]) -> str:
+        return f"{statistics.mean(values):.1f}" if values else "-"
+
+    for model in models:
+        cells = [results["seeds"][s]["evals"].get(model) for s in seeds]
+        accuracy = statistics.mean(c["accuracy"] * 100 for c in cells if c)
+        seconds = [results["seeds"][s]["seconds"][model] for s in seeds if model in results["seeds"][s]["seconds"]]
+        per_seed = " | ".join(f"{c['accuracy'] * 100:.1f} ({c['distinct_correct']})" if c else "-" for c in cells)
+        row = f"| {model} | {per_seed} | {accuracy:.1f} | {mean_of(seconds)} |"
+        if with_refresh:
+            refresh = [results["seeds"][s].get("refreshes", {}).get(model) for s in seeds]
+            row += "".join(f" {mean_of([r[c] for r in refresh if r])} |" for c in refresh_cols)
+        lines.append(row)
+    lines.append("\n`train s` is the whole training stage, refreshes included; mean over seeds.")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Running the stages of a pipeline plan: each kind maps its parameters onto the stage function it calls."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from lopd.cache.reader import open_cache
+from lopd.engine import EnginePool
+from lopd.errors import LopdError
+from lopd.evaluate import evaluate
+from lopd.pipeline import Plan, Stage
+from lopd.prompts import PromptFormat, load_prompts
+from lopd.refresh import RefreshContext
+from lopd.rollout import SamplingConfig, encode_prompts, load_tokenizer, rollout
+from lopd.rollout_set import RolloutSet
+from lopd.score import ScoreConfig, score
+from lopd.storage import write_json_atomic
+from lopd.train.online import OnlineSampler
+from lopd.train.trainer import TrainConfig, train
+
+TOY_MODELS = {"toy:teacher": "TEACHER_DIR", "toy:student_base": "STUDENT_BASE_DIR"}
+
+
+def pick(cls, params: dict[str, Any]):
+    """Build a config dataclass from the stage params it knows (the rest belong to the stage itself)."""
+    names = {f.name for f in fields(cls)}
+    known = {k: v for k, v in params.items() if k in names}
+    if "betas" in known:
+        known["betas"] = tuple(known["betas"])
+    return cls(**known)
+
+
+def resolve_model_ref(ref: str) -> str:
+    if ref in TOY_MODELS:
+        from lopd import toy
+
+        return str(getattr(toy, TOY_MODELS[ref]))
+    return ref
+
+
+class StageRunner:
+    """Executes plans against one storage root, sharing one vLLM engine per architecture across stages."""
+
+    def __init__(self, spec: dict[str, Any], root: Path):
+        self.spec = spec
+        self.root = root
+        self.pool: EnginePool | None = None
+        self.prompt_cache: dict[str, list[dict[str, Any]]] = {}
+
+    def engines(self) -> EnginePool:
+        if self.pool is None:
+            self.pool = EnginePool(max_logprobs=int(self.spec.get("max_logprobs", 64)))
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def prompts(self, name: str) -> list[dict[str, Any]]:
+        if name not in self.prompt_cache:
+            source = self.spec["prompts"][name]
+            if "toy" in source:
+                from lopd.toy import words
+
+                rows = [asdict(p) for p in words.make_prompts(source["toy"], int(source["n"]))]
+            else:
+                rows = load_prompts(source["path"], source.get("prompt_field", "prompt"),
+                                    source.get("answer_field", "answer"))
+            self.prompt_cache[name] = rows
+        return self.prompt_cache[name]
+
+    def run_plan(self, plan: Plan, out_dir: Path) -> dict[str, Any]:
+        outputs: dict[str, dict[str, Any]] = {}
+        evals: dict[str, Any] = {}
+        seconds: dict[str, float] = {}
+        refreshes: dict[str, dict[str, float]] = {}
+        for stage in plan.stages:
+            done = plan.state.finished(stage)
+            if done is None:
+                start = time.perf_counter()
+                done = getattr(self, f"run_{stage.kind}")(stage, outputs, out_dir, plan)
+                plan.state.record(stage, done, time.perf_counter() - start)
+            outputs[stage.id] = done
+            if stage.kind == "train":
+                seconds[stage.id] = plan.state.done[stage.id]["seconds"]
+                if "refreshes" in done:
+                    refreshes[stage.id] = {k: done[k] for k in ("refreshes", "rows_refreshed",
+                                                                "refresh_rollout_seconds", "refresh_teacher_seconds")}
+            if stage.kind == "eval":
+                evals.update(done["results"])
+        stage_seconds = {s.id: plan.state.done[s.id]["seconds"] for s in plan.stages}
+        return {"evals": evals, "seconds": seconds, "stage_seconds": stage_seconds, "refreshes": refreshes,
+                "outputs": outputs}
+
+    # -- helpers
+    def model_path(self, ref: str, outputs: dict[str, dict[str, Any]]) -> str:
+        if ref in outputs:
+            return outputs[ref]["path"]
+        return resolve_model_ref(self.spec["models"][ref])
+
+    def experiment(self, plan: Plan, stage: Stage) -> str:
+        return f"{self.spec['name']}/seed{plan.seed}/{stage.id}"
+
+    # -- stage kinds
+    def run_rollout(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
+        p = stage.params
+        model = self.model_path(p["model"], outputs)
+        rollouts, reused = rollout(model, self.prompts(p["prompts"]), pick(SamplingConfig, p), root=self.root,
+                                   verifier=p.get("verifier"), llm=self.engines().get(model),
+                                   experiment=self.experiment(plan, stage), prompt_format=pick(PromptFormat, p))
+        return {"path": str(rollouts.path), "id": rollouts.id, "reused": reused}
+
+    def run_score(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
+        p = stage.params
+        teacher = self.model_path(p["teacher"], outputs)
+        rollouts = RolloutSet.open(outputs[p["rollouts"]]["path"])
+        result = score(teacher, rollouts, pick(ScoreConfig, p), root=self.root, llm=self.engines().get(teacher),
+                       experiment=self.experiment(plan, stage))
+        return {"path": str(result.path), "id": result.id, "reused": result.reused,
+                "teacher_seconds": result.teacher_seconds}
+
+    def run_train(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
+        p = dict(stage.params)
+        student = self.model_path(p["student"], outputs)
+        config = pick(TrainConfig, p)
+        batches = None
+        if p.get("online"):
+            source = None
+            batches = self.online_sampler(p, student, outputs, config).factory()
+        elif "cache" in p:
+            source = open_cache(outputs[p["cache"]]["path"])
+        elif "rollouts" in p:
+            source = RolloutSet.open(outputs[p["rollouts"]]["path"])
+        else:
+            raise LopdError(f"pipeline stage {stage.id!r}: a train stage needs `cache`, `rollouts` or `online = true`")
+        base = open_cache(outputs[p["base_cache"]]["path"]) if "base_cache" in p else None
+        refresh = None
+        if config.refresh:
+            refresh = RefreshContext(self.model_path(p["teacher"], outputs), self.engines(), self.root,
+                                     self.experiment(plan, stage))
+        result = train(student, source, config, out_dir / stage.id, batches=batches, root=self.root,
+                       experiment=self.experiment(plan, stage), base=base, refresh_context=refresh)
+        return {"path": str(result.checkpoint), "steps": result.steps, "tokens": result.tokens, **result.refresh}
+
+    def online_sampler(self, p: dict[str, Any], student: str, outputs, config: TrainConfig) -> OnlineSampler:
+        """Online-OPD baseline: fresh samples from the model being trained, scored live by the teacher."""
+        tok = load_tokenizer(student)
+        prompt_ids = encode_prompts(tok, self.prompts(p["prompts"]), pick(PromptFormat, p))
+        return OnlineSampler(self.model_path(p["teacher"], outputs), prompt_ids,
+                             k=int(p.get("k", 32)), n=int(p.get("n", 1)), temperature=float(p.get("temperature", 1.0)),
+                             max_tokens=int(p.get("max_tokens", 32)),
+                             micro_batch_size=config.micro_batch_size or config.batch_size,
+                             eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=config.seed)
+
+    def run_eval(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
+        p = stage.params
+        refs = [r for r in stage.reads] + [m for m in p["models"] if m in self.spec.get("models", {})]
+        results = {}
+        for ref in refs:
+            model = self.model_path(ref, outputs)
+            results[ref] = evaluate(model, self.prompts(p["prompts"]), p["verifier"], n=int(p.get("n", 1)),
+                                    temperature=float(p.get("temperature", 1.0)), max_tokens=int(p.get("max_tokens", 32)),
+                                    llm=self.engines().get(model), root=self.root, prompt_format=pick(PromptFormat, p),
+                                    experiment=f"{self.spec['name']}/seed{plan.seed}/{ref}").as_dict()
+        path = out_dir / f"{stage.id}.json"
+        write_json_atomic(path, results)
+        return {"path": str(path), "results": results}
