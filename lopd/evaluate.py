@@ -9,7 +9,7 @@ from lopd.cost.ledger import record_stage
 from lopd.engine import build_llm, resolve_model
 from lopd.errors import LopdError
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
-from lopd.rollout import encode_prompts, load_tokenizer
+from lopd.rollout import encode_prompts, load_tokenizer, seeded
 from lopd.verifier import load_verifier
 
 
@@ -61,7 +61,8 @@ def _sample_and_verify(model, rows, prompt_ids, tokenizer, verify, n, temperatur
 
     engine = llm or build_llm(model, seed=seed)
     params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
-    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], seeded(params, seed, len(prompt_ids)),
+                              use_tqdm=False)
     total, correct = 0.0, set()
     for row, request in zip(rows, outputs):
         for completion in request.outputs:

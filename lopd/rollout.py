@@ -126,7 +126,8 @@ def _generate(model, rows, prompt_ids, tokenizer, sampling: SamplingConfig, veri
         n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
         logprobs=0, flat_logprobs=True,
     )
-    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=not quiet)
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], seeded(params, sampling.seed, len(prompt_ids)),
+                              use_tqdm=not quiet)
 
     records = []
     for group_id, (row, ids, request) in enumerate(zip(rows, prompt_ids, outputs)):
@@ -164,6 +165,21 @@ def sampled_logprobs(logprobs, response: list[int]) -> list[float]:
         assert ids[i] == token, "vLLM flat logprobs: first entry of a position is not the sampled token"
         out.append(values[i])
     return out
+
+
+def seeded(params, seed: int, count: int) -> list:
+    """One copy of `params` per request, each with its own seed derived from (seed, request index).
+
+    Samples then depend on the seed and the prompt's position only, not on what the engine ran before: rollouts
+    are reproducible, and checkpoints evaluated on one engine in turn see the same random numbers (a paired
+    comparison, which cancels sampling noise between arms).
+    """
+    copies = []
+    for i in range(count):
+        p = params.clone()
+        p.seed = seed * 1_000_003 + i
+        copies.append(p)
+    return copies
 
 
 def engine_version() -> str:

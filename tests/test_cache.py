@@ -289,3 +289,20 @@ def test_bytes_per_position_and_error_at_k32(tmp_path):
             err = np.abs(back[name].astype(np.float64) - ref)
             assert err[ref >= -32].max() <= 1e-2, name
             assert (err <= np.abs(ref) * 2.0 ** -11 + 1e-7).all(), name  # float16 rounding, relative
+
+
+def test_teacher_consistency_guard(score_set, tmp_path):
+    """OPD from a cache scored by a teacher other than the one that wrote the student's SFT data is refused."""
+    from lopd.lineage import write_lineage
+    from lopd.train.trainer import check_teacher_consistency
+
+    cache = open_cache(score_set)  # scored by teacher fingerprint "f"
+    student = tmp_path / "student"
+    shutil.copytree(STUDENT_BASE_DIR, student)
+    check_teacher_consistency(str(student), cache, allow=False)  # no recorded SFT data model: nothing to check
+    write_lineage(student, {"sft_data_model": "f"})
+    check_teacher_consistency(str(student), cache, allow=False)  # same teacher: fine
+    write_lineage(student, {"sft_data_model": "another-teacher"})
+    with pytest.raises(LopdError, match="teacher consistency .*--allow-teacher-mismatch"):
+        check_teacher_consistency(str(student), cache, allow=False)
+    check_teacher_consistency(str(student), cache, allow=True)

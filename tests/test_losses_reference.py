@@ -163,11 +163,11 @@ def ref_opd_is(inp: LossInputs, coef, gamma, ppo_clip) -> torch.Tensor:
     return ref_mean(positions(inp), term)
 
 
-def ref_exopd(inp: LossInputs, lam) -> torch.Tensor:
+def ref_exopd(inp: LossInputs, lam, clip) -> torch.Tensor:
     def term(b, t):
         base = inp.base_logprobs[b, t].item()
         adv = lam * (inp.teacher_logprobs[b, t].item() - base) - (inp.behaviour_logprobs[b, t].item() - base)
-        return -adv * ref_token_logp(inp, b, t)
+        return -clamp(adv, clip) * ref_token_logp(inp, b, t)
 
     return ref_mean(positions(inp), term)
 
@@ -291,6 +291,8 @@ CASES: list[tuple[str, dict]] = [
     ("opd_is", {"ppo_clip": 0.2}),
     ("exopd", {}),
     ("exopd", {"lam": 1.0}),
+    ("exopd", {"clip": 0.5}),
+    ("exopd", {"clip": 0.0}),
     ("rkl_topk", {}),
     ("rkl_topk", {"special_token_ids": "1,3"}),
     ("rkl_topk", {"entropy_top_ratio": 0.4}),

@@ -396,8 +396,8 @@ def summary_line(s: dict) -> str:
     sizes = ", ".join(f"{s[key]:.1f} B ({int(key.rsplit('_', 1)[1]):,}-token vocabulary)"
                       for key in s if key.startswith("lopd_bytes_per_position_"))
     return (f"**Summary** (realistic data, `lopd` layout, float16): {sizes} per position at k={K}; log-prob error "
-            f"≤ {s['max_logprob_error_at_or_above_-32']:.4f} nats for values ≥ -32 (max {s['max_logprob_error_all']:.3f} "
-            f"below, float16 rounding); raw shard decode {fmt_rate(s['raw_decode_positions_per_s'])}, trainer path "
+            f"≤ {s['max_logprob_error_at_or_above_-32']:.4f} nats for values ≥ -32, {s['max_logprob_error_all']:.3f} "
+            f"over all values (float16 rounding of values below -32); raw shard decode {fmt_rate(s['raw_decode_positions_per_s'])}, trainer path "
             f"(`SequenceDataset` + `collate`, first epoch, decode included) "
             f"{fmt_rate(s['trainer_path_first_epoch_positions_per_s'])} top-{K} positions per second.")
 
@@ -414,6 +414,12 @@ def markdown(results: dict) -> str:
              "(offsets, metadata, id table). Error = max |stored - float64 truth| over top-k, sampled and tail "
              "log-probs; \"≥-32\" restricts to values ≥ -32 (float16 spacing there ≤ 2^-6).", "",
              summary_line(results["summary"]), "",
+             "Layouts: `naive` float32 log-probs + int64 ids as raw .npy; `parquet` one row per sequence, list "
+             "columns (`lopd cache export` schema), zstd; `lopd-plain` the logical arrays as-is (float16, narrowest "
+             "uint ids; the first version-1 writer); `lopd` the shipped encoding (storage/README.md); `lopd-f32` the "
+             "same with `--logprob-dtype float32`. Ids: `zipf` realistic (BPE-like id order), `zipf-shuffled` same "
+             "draws with ids unrelated to frequency, `uniform` worst case. Write/decode rates of this table are "
+             "single shards on a shared machine: indicative only.", "",
              "| layout | vocab | ids | B/position | max error | max error ≥-32 | write | decode |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in results["sizes"]:

@@ -94,17 +94,24 @@ def opd_is(inp: LossInputs, coef: float, gamma: float, ppo_clip: float) -> LossO
     paper="arXiv 2602.12125",
     needs=("teacher_logprobs", "behaviour_logprobs", "base_logprobs"),
     lam=1.25,
+    clip=10.0,
 )
-def exopd(inp: LossInputs, lam: float) -> LossOutput:
+def exopd(inp: LossInputs, lam: float, clip: float) -> LossOutput:
     """G-OPD / ExOPD: reward-extrapolated OPD, A_t = lam (lT_t - log pi_base) - (log pi_old - log pi_base).
 
     G-OPD (arXiv 2602.12125) reads OPD as RL with the implicit reward log pi_T - log pi_base and a KL
     anchor to the base model; lam > 1 extrapolates past the teacher (1.25 in the released scripts),
     lam = 1 recovers OPD with the behaviour log-prob in place of the student's. pi_old is the cached
     behaviour log-prob. L = -mean_t sg(A_t) log pi_theta(y_t).
+
+    `clip` bounds A_t to [-clip, clip] as Lightning OPD does (arXiv 2604.13010): without it a token the
+    teacher deems impossible (cached log-prob near the -1e4 floor) gives an advantage of about -1e4 and
+    one step destroys the student (measured: 0% valid on the toy task). clip=0 is the paper's unclipped form.
     """
     logp = token_logprobs(inp.logits, inp.tokens)
     base = inp.base_logprobs
     advantage = (lam * (inp.teacher_logprobs - base) - (inp.behaviour_logprobs - base)).detach()
+    if clip > 0:
+        advantage = advantage.clamp(-clip, clip)
     loss = -masked_mean(advantage * logp, inp.mask)
     return LossOutput(loss, {"advantage": masked_mean(advantage, inp.mask).item()})
