@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lopd.pipeline import load_spec, run_pipeline
+from lopd.pipeline import load_spec, plot_accuracies, run_pipeline
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -42,7 +42,7 @@ def run_demo(quick: bool, seeds: list[int] | None, root: Path, out: Path) -> dic
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     table = demo_table(results)
     (out / "results.md").write_text(table + "\n")
-    plot_demo(results, out / "results.png")
+    plot_accuracies(results, out / "results.png", "lopd demo: toy dictionary world", ARMS)
     print("\n" + table)
     print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return results
@@ -65,25 +65,3 @@ def demo_table(results: dict[str, Any]) -> str:
     lines.append(f"\nTotal wall time {results['total_seconds']:.0f} s (a stage reused from an earlier run shows its "
                  "original seconds).")
     return "\n".join(lines)
-
-
-def plot_demo(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    seeds = list(results["seeds"])
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for i, (arm, label) in enumerate(ARMS.items()):
-        values = [results["seeds"][s]["evals"][arm]["accuracy"] * 100 for s in seeds]
-        ax.bar(i, statistics.mean(values), color="tab:orange" if "OPD" in label else "tab:blue")
-        ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
-    ax.set_xticks(range(len(ARMS)), [label.split(" (")[0] for label in ARMS.values()], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("valid completions at T=1 (%)")
-    low = min(results["seeds"][s]["evals"][a]["accuracy"] for a in list(ARMS)[2:] for s in seeds) * 100
-    ax.set_ylim(max(0.0, low - 10), 100)
-    ax.set_title("lopd demo: toy dictionary world (bars: mean, dots: seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -168,9 +168,37 @@ def run_pipeline(spec: dict[str, Any], root: Path, dry_run: bool = False) -> dic
     write_json_atomic(out_dir / "results.json", results)
     table = results_table(results)
     (out_dir / "results.md").write_text(table + "\n")
+    plot_accuracies(results, out_dir / "results.png", title=f"lopd run {spec['name']}")
     print(table)
-    print(f"\nwritten: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    print(f"\nwritten: {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'results.png'}")
     return results
+
+
+def plot_accuracies(results: dict[str, Any], path: Path, title: str, labels: dict[str, str] | None = None) -> None:
+    """Bar per evaluated model (mean over seeds) with a dot per seed; `labels` picks and names the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = list(results["seeds"])
+    models = list(labels) if labels else list(dict.fromkeys(m for s in seeds for m in results["seeds"][s]["evals"]))
+    names = [labels[m] if labels else m for m in models]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(models) + 2), 4))
+    lowest = 100.0
+    for i, model in enumerate(models):
+        values = [results["seeds"][s]["evals"][model]["accuracy"] * 100 for s in seeds if model in results["seeds"][s]["evals"]]
+        ax.bar(i, statistics.mean(values), color="tab:orange" if "opd" in model.lower() or "loss_" in model else "tab:blue")
+        ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+        if values and min(values) > 5:
+            lowest = min(lowest, min(values))
+    ax.set_xticks(range(len(models)), [n.split(" (")[0] for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(max(0.0, lowest - 10), 100)
+    ax.set_title(f"{title} (bars: mean, dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def results_table(results: dict[str, Any]) -> str:
