@@ -27,7 +27,7 @@ def plot_costs(costs: Sequence[CostRow], accuracy: Mapping[str, float], *, view:
     methods = sorted(set(method_of.values()))
     labels = [m or "-" for m in methods]
 
-    fig = Figure(figsize=(11 if accuracy else 6, 4.5), layout="constrained")
+    fig = Figure(figsize=(13 if accuracy else 7, 5), layout="constrained")
     axes = fig.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
     bottom = [0.0] * len(methods)
     for stage in sorted({c.stage for c in costs}, key=stage_sort_key):
@@ -35,6 +35,7 @@ def plot_costs(costs: Sequence[CostRow], accuracy: Mapping[str, float], *, view:
         axes[0].bar(labels, heights, bottom=bottom, label=stage)
         bottom = [b + h for b, h in zip(bottom, heights)]
     axes[0].set(title=f"cost per method ({view} view)", ylabel=unit)
+    axes[0].tick_params(axis="x", labelrotation=60, labelsize=8)
     axes[0].legend(title="stage")
 
     if accuracy:
@@ -42,9 +43,10 @@ def plot_costs(costs: Sequence[CostRow], accuracy: Mapping[str, float], *, view:
             evaluated = [e for e, m in method_of.items() if m == method and e in accuracy]
             if evaluated:
                 axes[1].scatter([spent[e] for e in evaluated], [accuracy[e] for e in evaluated], label=label)
-                for e in evaluated:
-                    axes[1].annotate(e, (spent[e], accuracy[e]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                for e in evaluated:  # the experiment's last path component keeps labels short
+                    axes[1].annotate(e.rsplit("/", 1)[-1], (spent[e], accuracy[e]), fontsize=6, xytext=(3, 3),
+                                     textcoords="offset points")
         axes[1].set(title="accuracy against cost", xlabel=f"{unit} ({view} view)", ylabel="accuracy")
-        axes[1].legend(title="method")
+        axes[1].legend(title="method", fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=120)
