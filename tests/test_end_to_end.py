@@ -120,17 +120,27 @@ def test_lightning_advantage_is_zero_when_teacher_is_student(pool, root, rollout
     assert advantage.abs().max() < 1e-3
 
 
-def test_deepspeed_step_raises_teacher_preferred_tokens(teacher_cache, tmp_path):
-    """One DeepSpeed step of `lightning` moves the student toward tokens the teacher prefers."""
-    before, mask = lightning_advantages(STUDENT, teacher_cache)
-    # The student base did not generate these (teacher) rollouts: an off-policy step, allowed explicitly.
-    config = TrainConfig(loss="lightning", lr=3e-3, batch_size=48, steps=1, zero_stage=2, seed=0,
-                         allow_lineage_mismatch=True)
-    result = train(STUDENT, teacher_cache, config, tmp_path / "ckpt", quiet=True)
-    after, _ = lightning_advantages(str(result.checkpoint), teacher_cache)
+@pytest.fixture(scope="module")
+def student_cache(pool, root):
+    """The OPD setting proper: the student base's own rollouts, scored by the teacher."""
+    prompts = [asdict(p) for p in words.make_prompts("test", 24)]
+    rollout_set, _ = rollout(STUDENT, prompts, SamplingConfig(n=2, max_tokens=10, seed=0), root=root,
+                             llm=pool.get(STUDENT), quiet=True)
+    result = score(TEACHER, rollout_set, ScoreConfig(k=8, logprob_dtype="float32"), root=root, llm=pool.get(TEACHER),
+                   quiet=True)
+    return open_cache(result.path)
+
+
+def test_deepspeed_step_raises_teacher_preferred_tokens(student_cache, tmp_path):
+    """One DeepSpeed step of `lightning` on the student's own rollouts raises the tokens the teacher prefers."""
+    before, mask = lightning_advantages(STUDENT, student_cache)
+    config = TrainConfig(loss="lightning", lr=3e-3, batch_size=48, steps=1, zero_stage=2, seed=0)
+    result = train(STUDENT, student_cache, config, tmp_path / "ckpt", quiet=True)
+    after, _ = lightning_advantages(str(result.checkpoint), student_cache)
     # advantage = teacher - student, so a drop in advantage is a rise in student log-prob.
     gain = (before - after)[mask > 0]
     preferred = before[mask > 0] > 0
+    assert preferred.any() and (~preferred).any()
     assert gain[preferred].mean() > 0
     assert gain[preferred].mean() > gain[~preferred].mean()
     assert (result.checkpoint / "lopd_lineage.json").is_file()

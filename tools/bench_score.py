@@ -360,7 +360,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON results (default tools/results/bench_score.json; none with --quick)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lopd-bench"), help="models, rollout sets, score sets")
     parser.add_argument("--ks", default="8,32,128")
-    parser.add_argument("--sequences", type=int, default=None, help="large model: sequences (default 128)")
+    parser.add_argument("--sequences", type=int, default=None, help="large model: sequences (default 64)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--response-len", type=int, default=224)
     parser.add_argument("--skip-toy", action="store_true")
@@ -385,7 +385,7 @@ def main() -> None:
     else:
         large = build_large_model(work)
         toy = (512, 8, 40)
-        big = (args.sequences or 128, args.prompt_len, args.response_len)
+        big = (args.sequences or 64, args.prompt_len, args.response_len)
     if not args.skip_toy:
         results["models"].append(bench_model("toy teacher", str(TEACHER_DIR), *toy, ks, work, kv_gib=1,
                                              budget=16384, hf_budget=4096))

@@ -189,12 +189,17 @@ def main() -> None:
     else:
         model = build_large_model(work)
         setup = dict(rows=64, prompt_tokens=32, response_tokens=96, k=32, batch_size=8, micro_batch_size=4,
-                     steps=args.steps or 4)
+                     steps=args.steps or 3)
         name = "qwen2-110M-random"
     results.update(model=name, model_dir=str(model), parameters=model_parameters(model), setup=setup)
     cache_path, results["cache"] = make_cache(str(model), work, setup["rows"], setup["prompt_tokens"],
                                               setup["response_tokens"], setup["k"])
     print(f"[{time.strftime('%H:%M:%S')}] cache {cache_path} {results['cache']}", flush=True)
+    # Warm-up: one step, so DeepSpeed's one-off JIT build of its CPU communication op and first-call costs
+    # land outside the measured losses.
+    start = time.perf_counter()
+    bench_loss("sft", str(model), cache_path, work, setup["batch_size"], setup["micro_batch_size"], 1)
+    results["warmup_seconds"] = time.perf_counter() - start
     results["losses"] = []
     for loss in args.losses.split(","):
         r = bench_loss(loss, str(model), cache_path, work, setup["batch_size"], setup["micro_batch_size"],
