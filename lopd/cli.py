@@ -120,18 +120,23 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
 @click.option("--logprob-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--max-batch-tokens", default=16384, show_default=True, help="Token budget per vLLM scoring call (bounds prompt-logprob memory).")
 @click.option("--rows-per-shard", default=1024, show_default=True)
+@click.option("--context-template", default=None,
+              help="Privileged context for a self-teacher, e.g. '{answer}|': filled from each rollout row and spliced "
+                   "before the prompt (after BOS) for scoring only; part of the cache key.")
 @click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Score only shards i, i+N, ... (i/N) for multi-node jobs.")
 @click.option("--out", type=click.Path(file_okay=False), default=None)
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, shard_spec, out, experiment, root):
+def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, context_template, shard_spec, out,
+          experiment, root):
     """Score every rollout token once with the teacher (vLLM) into a Zarr v3 score set."""
     from lopd.rollout_set import RolloutSet
     from lopd.score import ScoreConfig, score as run
 
     root = resolve_root(root)
     rollouts = RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts"))
-    config = ScoreConfig(k=k, logprob_dtype=logprob_dtype, max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard)
+    config = ScoreConfig(k=k, logprob_dtype=logprob_dtype, max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
+                         context=context_template)
     result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec), experiment=experiment)
     if result.reused:
         click.echo(f"cache hit: score set {result.id} already holds these scores; no teacher work done", err=True)

@@ -35,6 +35,10 @@ class ScoreConfig:
     logprob_dtype: str = "float16"
     max_batch_tokens: int = 16384
     rows_per_shard: int = 1024
+    # Privileged context: a template over the rollout row's fields (e.g. "{answer}|") whose tokens are spliced in
+    # front of the prompt, after its leading special tokens, for the teacher only (OPSD/RLSD-style self-teachers).
+    # The response positions, and so the cache's row layout, stay those of the plain rollouts.
+    context: str | None = None
 
     def validate(self) -> None:
         if self.k < 1:
@@ -71,7 +75,7 @@ def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: Sc
         "teacher": {"fingerprint": model_fingerprint(teacher)},
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "config": {"k": config.k, "temperature": 1.0, "logprob_dtype": config.logprob_dtype,
-                   "engine": engine_version(), "context": None},
+                   "engine": engine_version(), "context": config.context},
     }
 
 
@@ -123,6 +127,12 @@ def score(
 
 
 def _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, set_id, llm, quiet) -> ScoreResult:
+    prompts = rollouts.prompt_ids
+    if config.context:
+        tokenizer = load_tokenizer(teacher)
+        special = set(tokenizer.all_special_ids)
+        contexts = context_ids(tokenizer, rollouts, config.context)
+        prompts = [splice_context(p, c, special) for p, c in zip(prompts, contexts)]
     engine = llm or build_llm(teacher, max_logprobs=config.k)
     check_k(config.k, teacher_config, max_logprobs=engine.llm_engine.model_config.max_logprobs)
     todo = writer.pending(plans)
@@ -139,7 +149,7 @@ def _score_shards(writer, plans, teacher, teacher_config, rollouts, config, voca
                     if not mine:
                         continue
                     start = time.perf_counter()
-                    arrays = score_rows(engine, rollouts, plan, config, id_dtype(vocab), bar)
+                    arrays = score_rows(engine, rollouts, plan, config, id_dtype(vocab), bar, prompts)
                     seconds = time.perf_counter() - start
                     writer.commit(plan, arrays, {"teacher_seconds": round(seconds, 3)})
                     teacher_seconds += seconds
@@ -167,13 +177,37 @@ def token_budget_batches(lengths: list[int], budget: int) -> Iterator[list[int]]
         yield batch
 
 
-def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfig, ids_dtype, bar) -> dict[str, np.ndarray]:
+def context_ids(tokenizer, rollouts: RolloutSet, template: str) -> list[np.ndarray]:
+    """Token ids of the privileged context of every row: the template filled from the row, tokenised once."""
+    out = []
+    for row in rollouts.table.select(["prompt_id", "prompt", "answer"]).to_pylist():
+        try:
+            text = template.format(**{k: "" if v is None else v for k, v in row.items()})
+        except KeyError as exc:
+            raise LopdError(f"--context-template refers to {exc}, which rollout rows lack; use {{prompt}}, "
+                            f"{{answer}} or {{prompt_id}}") from None
+        out.append(np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64))
+    return out
+
+
+def splice_context(prompt: np.ndarray, context: np.ndarray, special_ids: set[int]) -> np.ndarray:
+    """prompt[:lead] + context + prompt[lead:], where `lead` counts the prompt's leading special tokens (e.g. BOS)."""
+    lead = 0
+    while lead < len(prompt) and int(prompt[lead]) in special_ids:
+        lead += 1
+    return np.concatenate([prompt[:lead], context, prompt[lead:]])
+
+
+def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfig, ids_dtype, bar,
+               prompt_ids: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Teacher signal for the shard's rows; `prompt_ids` are what the teacher sees before each stored response
+    (the stored prompt, or it with a privileged context spliced in)."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=config.k, flat_logprobs=True, detokenize=False)
     rows = list(range(plan.start, plan.stop))
-    sequences = [np.concatenate([rollouts.prompt_ids[i], rollouts.response_ids[i]]) for i in rows]
-    prompt_lens = [len(rollouts.prompt_ids[i]) for i in rows]
+    sequences = [np.concatenate([prompt_ids[i], rollouts.response_ids[i]]) for i in rows]
+    prompt_lens = [len(prompt_ids[i]) for i in rows]
     sampled, top_ids, top_lps = [], [], []
     for batch in token_budget_batches([len(s) for s in sequences], config.max_batch_tokens):
         outputs = engine.generate(

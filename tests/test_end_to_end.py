@@ -146,3 +146,32 @@ def test_deepspeed_step_raises_teacher_preferred_tokens(student_cache, tmp_path)
     assert (result.checkpoint / "lopd_lineage.json").is_file()
     assert (result.checkpoint / "metrics.jsonl").read_text().strip()
     assert get_loss("lightning").name == "lightning"
+
+
+def test_privileged_context_scores_the_same_positions(pool, root, rollouts, teacher_cache):
+    """A self-teacher that sees the reference answer first: same rows and positions, other numbers, other key."""
+    config = ScoreConfig(k=8, logprob_dtype="float32", rows_per_shard=16, context="{answer}|")
+    privileged = open_cache(score(TEACHER, rollouts, config, root=root, llm=pool.get(TEACHER), quiet=True).path)
+    assert privileged.id != teacher_cache.id
+    assert privileged.manifest["config"]["context"] == "{answer}|"
+    assert len(privileged) == len(teacher_cache)
+    differs = 0
+    for i in range(len(privileged)):
+        a, b = privileged[i], teacher_cache[i]
+        assert np.array_equal(a.response_ids, b.response_ids)
+        assert a.teacher_logprobs.shape == b.teacher_logprobs.shape == (len(a.response_ids),)
+        differs += int(np.abs(a.teacher_logprobs - b.teacher_logprobs).max() > 1e-3)
+    assert differs > len(privileged) // 2
+    # Independent check: a transformers pass over <bos> + answer + "|" + prompt (without its <bos>) + response.
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(TEACHER)
+    answers = rollouts.table.column("answer").to_pylist()
+    for i in range(0, len(privileged), 7):
+        seq = privileged[i]
+        context = tok(answers[i] + "|", add_special_tokens=False)["input_ids"]
+        prompt = np.concatenate([seq.prompt_ids[:1], context, seq.prompt_ids[1:]])
+        spliced = type(seq)(**{**seq.__dict__, "prompt_ids": prompt})
+        ref = full_logprobs(model, spliced).gather(-1, torch.tensor(seq.response_ids)[:, None]).squeeze(-1)
+        np.testing.assert_allclose(seq.teacher_logprobs, ref.numpy(), atol=1e-3)

@@ -27,11 +27,12 @@ What is measured
 
 Synthetic data (documented so the numbers can be judged)
 - Response lengths: uniform in [16, 1008] tokens (mean 512); 1,024 rows per shard (`lopd score` default), so a shard
-  holds ~524k positions.
+  holds ~0.5M positions (539,391 with the fixed seed).
 - Teacher log-probs: per position, logits z_i = beta * (b_i + G_i) with a Zipfian base b_i and Gumbel noise G_i,
   sharpness beta ~ U(1.5, 5). The top values of a Gumbel process over a large vocabulary are
   ln Z - ln Gamma_j with Gamma_j the arrival times of a unit-rate Poisson process (exact in the large-vocabulary
-  limit, where the values are also independent of which ids win), so the top 64 are drawn that way; ranks beyond 64 are added in expectation (sum_{j>64} j^-beta) and a background mass
+  limit, where the values are also independent of which ids win), so the top 64 are drawn that way; ranks
+  beyond 64 are added in expectation (sum_{j>64} j^-beta) and a background mass
   e^u, u ~ U(-9, -3), stands for the rest of the vocabulary. log_softmax in float64; top-32 kept, sorted
   descending; tail = log(1 - sum exp(top-k)) (floor log 1e-12) as `lopd score` computes it.
   Resulting statistics are printed and stored ("data"): top-1 median ~ -0.2 (69% > -0.5), rank-32 median ~ -12
@@ -427,8 +428,9 @@ def markdown(results: dict) -> str:
              f"Machine: {results['machine']}. Command: `{results['command']}` "
              f"({results['seconds']:.0f} s; 1-minute load average {results['load_average_start_end'][0]} at the start, "
              f"{results['load_average_start_end'][1]} at the end: the machine is shared, rates are best of "
-             f"{results['read']['best_of']} (read rates) or 2 (decode), writes single runs). Raw numbers: `tools/results/bench_cache.json`; data generator and "
-             "method: the docstring of `tools/bench_cache.py`.", "",
+             f"{results['read']['best_of']} (read rates) or 2 (decode), writes single runs). Raw numbers: "
+             "`tools/results/bench_cache.json`; data generator and method: the docstring of `tools/bench_cache.py`.",
+             "",
              f"Top-k = {K}; one shard of {results['rows_per_shard']} rows, {results['sizes'][0]['positions']:,} "
              "response positions (lengths uniform 16..1008). Bytes per position include every file "
              "(offsets, metadata, id table). Error = max |stored - float64 truth| over top-k, sampled and tail "
