@@ -306,3 +306,18 @@ def test_teacher_consistency_guard(score_set, tmp_path):
     with pytest.raises(LopdError, match="teacher consistency .*--allow-teacher-mismatch"):
         check_teacher_consistency(str(student), cache, allow=False)
     check_teacher_consistency(str(student), cache, allow=True)
+
+
+def test_gc_removes_only_unreferenced_entries(score_set, rollout_set, tmp_path):
+    from lopd.cache.admin import collect
+    from lopd.cost.ledger import append_row
+
+    assert sorted(p.name for p in collect(tmp_path, dry_run=True)) == ["r-synthetic", "s-synthetic"]
+    assert score_set.is_dir()  # a dry run removes nothing
+    append_row(tmp_path, {"experiment": "exp-a", "stage": "train", "method": "rkl_topk", "artifact": "ckpt",
+                          "inputs": ["s-synthetic"], "wall_seconds": 1.0, "device_kind": "cpu", "device_count": 1})
+    assert collect(tmp_path, dry_run=True) == []  # the score set is used; its rollout set is needed by it
+    (tmp_path / "rollouts" / "r-orphan").mkdir()
+    (tmp_path / "rollouts" / "r-orphan" / "meta.json").write_text(json.dumps({"id": "r-orphan"}))
+    assert [p.name for p in collect(tmp_path, dry_run=False)] == ["r-orphan"]
+    assert not (tmp_path / "rollouts" / "r-orphan").exists() and score_set.is_dir()
