@@ -9,6 +9,7 @@ addressed, recorded in the ledger like any stage), listed in the run's `generati
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,10 +76,8 @@ class Refresher:
         self.generations.append({"step": step, "shards": shards, "rows": len(rows), "rollout_set": new_rollouts.id,
                                  "score_set": scored.id})
         write_json_atomic(self.work_dir / "generations.json", self.generations)
-        for stale in self.work_dir.glob("student-step*"):
+        for stale in self.work_dir.glob("student-step*"):  # keep only the latest refresh checkpoint
             if stale != student:
-                import shutil
-
                 shutil.rmtree(stale, ignore_errors=True)
 
     def summary(self) -> dict[str, float]:

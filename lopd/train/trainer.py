@@ -142,7 +142,6 @@ def train(
     *,
     batches: Callable[[torch.nn.Module], Iterator[Batch]] | None = None,
     quiet: bool = False,
-    metrics_extra: dict[str, Any] | None = None,
     root: Path | None = None,
     experiment: str = "default",
     base: ScoreCache | None = None,
@@ -178,12 +177,12 @@ def train(
         inputs += [source.id]
     deepspeed = distributed.init_process_group()
     if distributed.rank() != 0:
-        return _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, metrics_extra, deepspeed, base,
+        return _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, deepspeed, base,
                         refresh_context)
     stage = "sft" if config.loss == "sft" else "train"
     with record_stage(root, experiment=experiment, stage=stage, method=config.loss, artifact=str(Path(out_dir).resolve()),
                       inputs=inputs) as rec:
-        result = _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, metrics_extra, deepspeed, base,
+        result = _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, deepspeed, base,
                         refresh_context)
         rec.tokens = result.tokens
         rec.extra = {"steps": result.steps, **result.refresh}
@@ -193,7 +192,7 @@ def train(
 
 
 def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_dir: Path, batches, quiet,
-           metrics_extra, deepspeed, base: ScoreCache | None, refresh_context: RefreshContext | None) -> TrainResult:
+           deepspeed, base: ScoreCache | None, refresh_context: RefreshContext | None) -> TrainResult:
     """The training loop proper (every rank runs it; rank 0 also writes metrics and the checkpoint)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -266,8 +265,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
             window.clear()
             record = {"step": step, **{k: round(v, 6) for k, v in last.items()},
                       "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / elapsed, 1),
-                      "lr": scheduler.get_last_lr()[0], **(refresher.summary() if refresher else {}),
-                      **(metrics_extra or {})}
+                      "lr": scheduler.get_last_lr()[0], **(refresher.summary() if refresher else {})}
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
