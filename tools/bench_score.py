@@ -301,6 +301,8 @@ def bench_model(name: str, model_dir: str, n: int, prompt_len: int, response_len
                 kv_gib: int, budget: int, hf_budget: int) -> dict:
     from lopd.rollout_set import RolloutSet  # noqa: F401
 
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    ks = sorted({min(k, vocab) for k in ks})  # the toy vocabulary has 64 tokens: k=128 becomes the full 64
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {n} sequences x ({prompt_len}+{response_len}) tokens", flush=True)
     rollouts = random_rollout_set(work / f"rollouts-{name}-{n}x{prompt_len}+{response_len}", model_dir, n,
                                   prompt_len, response_len)
