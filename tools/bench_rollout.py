@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_score import (REPO, build_large_model, fmt, load_average, machine, markdown_table,  # noqa: E402
-                         model_parameters, write_results)
+                         model_parameters, shutdown, vllm_env, write_results)
 
 
 def prompts_for(vocab: int, n: int, length: int, seed: int = 0, low: int = 4) -> list[list[int]]:
@@ -106,6 +106,7 @@ def vllm_runs(model_dir: str, prompts: list[list[int]], n: int, new_tokens: int,
         out["lopd_rollout"] = {"seconds": seconds, "tokens": int(sum(len(r) for r in rset.response_ids))}
         shutil.rmtree(target, ignore_errors=True)
     finally:
+        shutdown(llm)
         del llm
         gc.collect()
     return out
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON results (default tools/results/bench_rollout.json; none with --quick)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lopd-bench"))
     parser.add_argument("--models", default="student,teacher,large")
+    parser.add_argument("--append", action="store_true", help="keep the runs already in the JSON file")
     args = parser.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -173,9 +175,10 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = {"command": "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
+    env = "".join(f"{k}={v} " for k, v in vllm_env().items() if v is not None and k != "VLLM_CPU_KVCACHE_SPACE")
+    results = {"command": env + "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
                "machine": machine(), "load_average_start": load_average(),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "models": []}
+               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "vllm_env": vllm_env(), "models": []}
     if args.quick:
         large = build_large_model(work, dict(hidden=128, layers=2, heads=2, intermediate=256, vocab=4096,
                                              max_positions=256))
@@ -201,7 +204,7 @@ def main() -> None:
     print(f"load average start {results['load_average_start']}, end {results['load_average_end']}; "
           f"{results['seconds']:.0f} s")
     print(table)
-    write_results("rollout", results, args.out, args.quick)
+    write_results("rollout", results, args.out, args.quick, args.append)
 
 
 if __name__ == "__main__":

@@ -166,12 +166,32 @@ def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
 
-def write_results(name: str, results: dict, out: Path | None, quick: bool) -> None:
+def write_results(name: str, results: dict, out: Path | None, quick: bool, append: bool = False) -> None:
+    """{"runs": [...]}: one entry per run; `append` keeps the runs already in the file (e.g. another vLLM setting)."""
     target = out or (None if quick else RESULTS / f"bench_{name}.json")
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(results, indent=1) + "\n")
+        runs = []
+        if append and target.is_file():
+            old = json.loads(target.read_text())
+            runs = old.get("runs", [old])
+        target.write_text(json.dumps({"runs": runs + [results]}, indent=1) + "\n")
         print(f"wrote {target}")
+
+
+def vllm_env() -> dict:
+    """vLLM CPU settings that change throughput. By default vLLM reserves one core per worker for its scheduler
+    process, so on a 2-core machine the model runs on 1 OpenMP thread; VLLM_CPU_NUM_OF_RESERVED_CPU=0 gives it both."""
+    return {k: os.environ.get(k) for k in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND",
+                                           "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS")}
+
+
+def shutdown(llm) -> None:
+    """Stop the engine core and its worker now (a deleted LLM's worker can otherwise linger, polling)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
 
 
 class TimedEngine:
@@ -292,6 +312,7 @@ def lopd_scoring(model_dir: str, rollouts, ks: list[int], work: Path, kv_gib: in
             shutil.rmtree(out, ignore_errors=True)
     finally:
         score_mod.unpack_prompt_logprobs = original_unpack
+        shutdown(llm)
         del llm
         gc.collect()
     return {"startup_seconds": startup, "per_k": per_k}
@@ -366,6 +387,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--response-len", type=int, default=224)
     parser.add_argument("--skip-toy", action="store_true")
+    parser.add_argument("--append", action="store_true", help="keep the runs already in the JSON file")
     args = parser.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -376,9 +398,10 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = {"command": "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
+    env = "".join(f"{k}={v} " for k, v in vllm_env().items() if v is not None and k != "VLLM_CPU_KVCACHE_SPACE")
+    results = {"command": env + "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
                "machine": machine(), "load_average_start": load_average(),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "models": []}
+               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "vllm_env": vllm_env(), "models": []}
     if args.quick:
         large = build_large_model(work, dict(hidden=128, layers=2, heads=2, intermediate=256, vocab=4096,
                                              max_positions=256))
@@ -401,7 +424,7 @@ def main() -> None:
     print(f"load average start {results['load_average_start']}, end {results['load_average_end']}; "
           f"{results['seconds']:.0f} s")
     print(table)
-    write_results("score", results, args.out, args.quick)
+    write_results("score", results, args.out, args.quick, args.append)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_score import (REPO, build_large_model, fmt, load_average, machine, markdown_table,  # noqa: E402
-                         model_parameters, random_rollout_set, write_results)
+                         model_parameters, random_rollout_set, shutdown, vllm_env,
+                         write_results)
 
 LOSSES = ["sft", "lightning", "rkl_topk", "gkd", "fkl_topk_tail"]
 
@@ -73,6 +74,7 @@ def make_cache(model_dir: str, work: Path, rows: int, prompt_len: int, response_
     start = time.perf_counter()
     result = score(model_dir, rollouts, ScoreConfig(k=k), root=work / "root", out=out, llm=llm, quiet=True)
     seconds = time.perf_counter() - start
+    shutdown(llm)
     del llm
     import gc
 
@@ -177,9 +179,10 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = {"command": "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
+    env = "".join(f"{k}={v} " for k, v in vllm_env().items() if v is not None and k != "VLLM_CPU_KVCACHE_SPACE")
+    results = {"command": env + "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
                "machine": machine(), "load_average_start": load_average(),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "vllm_env": vllm_env()}
     if args.quick:
         model = build_large_model(work, dict(hidden=128, layers=2, heads=2, intermediate=256, vocab=4096,
                                              max_positions=256))
