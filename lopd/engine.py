@@ -89,9 +89,6 @@ def build_llm(
     if cpu:
         check_cpu_head_dim(model, config)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # vLLM keeps one core for its scheduler by default, which on a small machine leaves the model a single
-        # thread: measured 1.75x faster scoring on 2 cores without the reservation (BENCHMARKS.md).
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         if dtype == "auto":
             dtype = "float32" if config.get("torch_dtype", config.get("dtype")) in (None, "float32") else "bfloat16"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_score import (REPO, build_large_model, fmt, load_average, machine, markdown_table,  # noqa: E402
-                         model_parameters, shutdown, vllm_env, write_results)
+from bench_score import (REPO, build_large_model, finish_results, fmt, markdown_table,  # noqa: E402
+                         model_parameters, shutdown, start_results)
 
 
 def prompts_for(vocab: int, n: int, length: int, seed: int = 0, low: int = 4) -> list[list[int]]:
@@ -175,10 +175,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    env = "".join(f"{k}={v} " for k, v in vllm_env().items() if v is not None and k != "VLLM_CPU_KVCACHE_SPACE")
-    results = {"command": env + "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
-               "machine": machine(), "load_average_start": load_average(),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "vllm_env": vllm_env(), "models": []}
+    results = start_results(models=[])
     if args.quick:
         large = build_large_model(work, dict(hidden=128, layers=2, heads=2, intermediate=256, vocab=4096,
                                              max_positions=256))
@@ -196,15 +193,7 @@ def main() -> None:
     for key in args.models.split(","):
         name, path, vocab, sizes, kv = plan[key]
         results["models"].append(bench_model(name, path, vocab, *sizes, work=work, kv_gib=kv))
-    results["load_average_end"] = load_average()
-    results["seconds"] = time.perf_counter() - t0
-    table = markdown(results)
-    results["markdown"] = table
-    print()
-    print(f"load average start {results['load_average_start']}, end {results['load_average_end']}; "
-          f"{results['seconds']:.0f} s")
-    print(table)
-    write_results("rollout", results, args.out, args.quick, args.append)
+    finish_results("rollout", results, markdown(results), t0, args.out, args.quick, args.append)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,27 @@ def write_results(name: str, results: dict, out: Path | None, quick: bool, appen
         print(f"wrote {target}")
 
 
+def start_results(**fields) -> dict:
+    """What every benchmark records first: the command line (with the vLLM settings), machine, load, start time."""
+    env = "".join(f"{k}={v} " for k, v in vllm_env().items() if v is not None and k != "VLLM_CPU_KVCACHE_SPACE")
+    return {"command": env + "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
+            "machine": machine(), "load_average_start": load_average(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "vllm_env": vllm_env(), **fields}
+
+
+def finish_results(name: str, results: dict, table: str, t0: float, out: Path | None, quick: bool,
+                   append: bool = False) -> None:
+    """Close a run: end load and duration, print the table, write the JSON (see `write_results`)."""
+    results["load_average_end"] = load_average()
+    results["seconds"] = time.perf_counter() - t0
+    results["markdown"] = table
+    print()
+    print(f"load average start {results['load_average_start']}, end {results['load_average_end']}; "
+          f"{results['seconds']:.0f} s")
+    print(table)
+    write_results(name, results, out, quick, append)
+
+
 def vllm_env() -> dict:
     """vLLM CPU settings that change throughput. By default vLLM reserves one core per worker for its scheduler
     process, so on a 2-core machine the model runs on 1 OpenMP thread; VLLM_CPU_NUM_OF_RESERVED_CPU=0 gives it both."""
@@ -398,10 +419,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    env = "".join(f"{k}={v} " for k, v in vllm_env().items() if v is not None and k != "VLLM_CPU_KVCACHE_SPACE")
-    results = {"command": env + "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
-               "machine": machine(), "load_average_start": load_average(),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "vllm_env": vllm_env(), "models": []}
+    results = start_results(models=[])
     if args.quick:
         large = build_large_model(work, dict(hidden=128, layers=2, heads=2, intermediate=256, vocab=4096,
                                              max_positions=256))
@@ -416,15 +434,7 @@ def main() -> None:
                                              budget=16384, hf_budget=4096))
     results["models"].append(bench_model("qwen2-110M-random" if not args.quick else "qwen2-small-random", str(large),
                                          *big, ks, work, kv_gib=4, budget=16384, hf_budget=2048))
-    results["load_average_end"] = load_average()
-    results["seconds"] = time.perf_counter() - t0
-    table = markdown(results)
-    results["markdown"] = table
-    print()
-    print(f"load average start {results['load_average_start']}, end {results['load_average_end']}; "
-          f"{results['seconds']:.0f} s")
-    print(table)
-    write_results("score", results, args.out, args.quick, args.append)
+    finish_results("score", results, markdown(results), t0, args.out, args.quick, args.append)
 
 
 if __name__ == "__main__":

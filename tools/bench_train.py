@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_score import (REPO, build_large_model, fmt, load_average, machine, markdown_table,  # noqa: E402
-                         model_parameters, random_rollout_set, shutdown, vllm_env,
-                         write_results)
+from bench_score import (REPO, build_large_model, finish_results, fmt, markdown_table,  # noqa: E402
+                         model_parameters, random_rollout_set, shutdown, start_results)
 
 LOSSES = ["sft", "lightning", "rkl_topk", "gkd", "fkl_topk_tail"]
 
@@ -179,10 +178,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    env = "".join(f"{k}={v} " for k, v in vllm_env().items() if v is not None and k != "VLLM_CPU_KVCACHE_SPACE")
-    results = {"command": env + "python " + " ".join([f"tools/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
-               "machine": machine(), "load_average_start": load_average(),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "vllm_env": vllm_env()}
+    results = start_results()
     if args.quick:
         model = build_large_model(work, dict(hidden=128, layers=2, heads=2, intermediate=256, vocab=4096,
                                              max_positions=256))
@@ -213,15 +209,7 @@ def main() -> None:
               f"{100 * r['data_wait_share']:.2f}%", flush=True)
     micro_batches = results["losses"][0]["micro_batches"] if results["losses"] else 8
     results["data_only"] = data_only(cache_path, setup["micro_batch_size"], micro_batches)
-    results["load_average_end"] = load_average()
-    results["seconds"] = time.perf_counter() - t0
-    table = markdown(results)
-    results["markdown"] = table
-    print()
-    print(f"load average start {results['load_average_start']}, end {results['load_average_end']}; "
-          f"{results['seconds']:.0f} s")
-    print(table)
-    write_results("train", results, args.out, args.quick)
+    finish_results("train", results, markdown(results), t0, args.out, args.quick)
 
 
 if __name__ == "__main__":
