@@ -21,7 +21,8 @@ from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, scores_dir
 from lopd.cost.ledger import record_stage
 from lopd.engine import build_llm, check_k, model_config, resolve_model, vocab_size
 from lopd.errors import LopdError
-from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint
+from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
+from lopd.guards import rollout_vocabulary
 from lopd.rollout import engine_version, load_tokenizer
 from lopd.rollout_set import RolloutSet
 from lopd.storage import read_json
@@ -59,8 +60,7 @@ class ScoreResult:
 def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
     if tokenizer_fingerprint(teacher_tokenizer) == rollouts.meta["tokenizer_fingerprint"]:
         return
-    student_tokenizer = load_tokenizer(rollouts.meta["model"])
-    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+    if vocabulary_fingerprint(teacher_tokenizer) != rollout_vocabulary(rollouts):
         raise LopdError(
             "teacher and student tokenizers have different vocabularies; cross-tokenizer distillation is not "
             "supported yet: use a teacher that shares the student's tokenizer"
