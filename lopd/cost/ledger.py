@@ -2,11 +2,15 @@
 
 Stages of many experiments run as separate processes against one storage root, so the ledger must
 take concurrent appends without losing rows: SQLite in WAL mode with a busy timeout, and every row
-is a single INSERT in its own (autocommit) transaction. Rows are never updated or deleted; views of
+is a single INSERT in its own (autocommit) transaction. Switching a database to WAL needs an exclusive
+lock that SQLite does not always wait for (two processes creating the ledger at once got "database is
+locked" at once, busy timeout or not), so connection set-up is serialised with an `flock` on a sidecar
+`ledger.sqlite.lock`. Rows are never updated or deleted; views of
 cost (amortisation, reports) are computed from the rows on read.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -72,9 +76,11 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
     # between statements.
     with closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as con:
         con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        con.execute("PRAGMA journal_mode = WAL")
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute(_SCHEMA)
         con.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives process crashes
-        con.execute(_SCHEMA)
         yield con
 
 
