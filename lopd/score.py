@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
 from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, scores_dir
+from lopd.contexts import expand_context, teacher_prompts
 from lopd.cost.ledger import record_stage
 from lopd.engine import build_llm, check_k, model_config, resolve_model, vocab_size
 from lopd.errors import LopdError
@@ -36,14 +37,21 @@ class ScoreConfig:
     logprob_dtype: str = "float16"
     max_batch_tokens: int = 16384
     rows_per_shard: int = 1024
-    # Privileged context: a template over the rollout row's fields (e.g. "{answer}|") whose tokens are spliced in
-    # front of the prompt, after its leading special tokens, for the teacher only (OPSD/RLSD-style self-teachers).
-    # The response positions, and so the cache's row layout, stay those of the plain rollouts.
+    # Privileged context (lopd.contexts): a template over the rollout row's fields (e.g. "{answer}|", or a preset
+    # name such as "answer") whose tokens are spliced in front of the prompt for the teacher only, and/or a slice
+    # that keeps only the prompt's last `context_slice` tokens. The response positions, and so the cache's row
+    # layout, stay those of the plain rollouts.
     context: str | None = None
+    context_slice: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "context", expand_context(self.context))
 
     def validate(self) -> None:
         if self.k < 1:
             raise LopdError(f"--k must be at least 1 (top-k ids are part of every score set), got {self.k}")
+        if self.context_slice < 0:
+            raise LopdError(f"--context-slice must be at least 0 (0 keeps the whole prompt), got {self.context_slice}")
         if self.logprob_dtype not in LOGPROB_DTYPES:
             raise LopdError(f"--logprob-dtype must be one of {LOGPROB_DTYPES}, got {self.logprob_dtype!r}")
 
@@ -69,7 +77,7 @@ def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
 
 def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: ScoreConfig) -> dict:
     """Everything that determines a score set's numbers; its hash is the score set id."""
-    return {
+    identity = {
         "kind": "score_set",
         "rollout_set": {"id": rollouts.id, "content_digest": rollouts.meta["content_digest"]},
         "teacher": {"fingerprint": model_fingerprint(teacher)},
@@ -77,6 +85,9 @@ def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: Sc
         "config": {"k": config.k, "temperature": 1.0, "logprob_dtype": config.logprob_dtype,
                    "engine": engine_version(), "context": config.context},
     }
+    if config.context_slice:  # only when set, so score sets made before slices existed keep their ids
+        identity["config"]["context_slice"] = config.context_slice
+    return identity
 
 
 def score(
@@ -128,11 +139,9 @@ def score(
 
 def _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, set_id, llm, quiet) -> ScoreResult:
     prompts = rollouts.prompt_ids
-    if config.context:
-        tokenizer = load_tokenizer(teacher)
-        special = set(tokenizer.all_special_ids)
-        contexts = context_ids(tokenizer, rollouts, config.context)
-        prompts = [splice_context(p, c, special) for p, c in zip(prompts, contexts)]
+    if config.context or config.context_slice:
+        rows = rollouts.table.select(["prompt_id", "prompt", "answer"]).to_pylist()
+        prompts = teacher_prompts(load_tokenizer(teacher), rows, prompts, config.context, config.context_slice)
     engine = llm or build_llm(teacher, max_logprobs=config.k)
     check_k(config.k, teacher_config, max_logprobs=engine.llm_engine.model_config.max_logprobs)
     todo = writer.pending(plans)
@@ -175,27 +184,6 @@ def token_budget_batches(lengths: list[int], budget: int) -> Iterator[list[int]]
         used += n
     if batch:
         yield batch
-
-
-def context_ids(tokenizer, rollouts: RolloutSet, template: str) -> list[np.ndarray]:
-    """Token ids of the privileged context of every row: the template filled from the row, tokenised once."""
-    out = []
-    for row in rollouts.table.select(["prompt_id", "prompt", "answer"]).to_pylist():
-        try:
-            text = template.format(**{k: "" if v is None else v for k, v in row.items()})
-        except KeyError as exc:
-            raise LopdError(f"--context-template refers to {exc}, which rollout rows lack; use {{prompt}}, "
-                            f"{{answer}} or {{prompt_id}}") from None
-        out.append(np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64))
-    return out
-
-
-def splice_context(prompt: np.ndarray, context: np.ndarray, special_ids: set[int]) -> np.ndarray:
-    """prompt[:lead] + context + prompt[lead:], where `lead` counts the prompt's leading special tokens (e.g. BOS)."""
-    lead = 0
-    while lead < len(prompt) and int(prompt[lead]) in special_ids:
-        lead += 1
-    return np.concatenate([prompt[:lead], context, prompt[lead:]])
 
 
 def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfig, ids_dtype, bar,

@@ -175,3 +175,25 @@ def test_privileged_context_scores_the_same_positions(pool, root, rollouts, teac
         spliced = type(seq)(**{**seq.__dict__, "prompt_ids": prompt})
         ref = full_logprobs(model, spliced).gather(-1, torch.tensor(seq.response_ids)[:, None]).squeeze(-1)
         np.testing.assert_allclose(seq.teacher_logprobs, ref.numpy(), atol=1e-3)
+
+
+def test_correct_and_incorrect_hint_score_sets_and_a_short_context_slice(pool, root, rollouts, teacher_cache):
+    """RLCSD's pair (presets `answer` / `wrong_answer`, one template) and OPSDL's slice: own keys, same positions,
+    and the slice's numbers equal a transformers pass over <bos> + the prompt's last token + the response."""
+    def scored(**context):
+        config = ScoreConfig(k=8, logprob_dtype="float32", rows_per_shard=16, **context)
+        return open_cache(score(TEACHER, rollouts, config, root=root, llm=pool.get(TEACHER), quiet=True).path)
+
+    correct, wrong, sliced = scored(context="answer"), scored(context="wrong_answer"), scored(context_slice=1)
+    assert correct.manifest["config"]["context"] == "answer: {answer}. "
+    assert len({correct.id, wrong.id, sliced.id, teacher_cache.id}) == 4
+    assert sliced.manifest["config"]["context_slice"] == 1
+    contrast = [np.abs(correct[i].teacher_logprobs - wrong[i].teacher_logprobs).max() for i in range(len(correct))]
+    assert np.mean(np.array(contrast) > 1e-3) > 0.5
+    model = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
+    for i in range(0, len(sliced), 7):
+        seq = sliced[i]
+        assert np.array_equal(seq.response_ids, teacher_cache[i].response_ids)
+        short = type(seq)(**{**seq.__dict__, "prompt_ids": np.concatenate([seq.prompt_ids[:1], seq.prompt_ids[-1:]])})
+        ref = full_logprobs(model, short).gather(-1, torch.tensor(seq.response_ids)[:, None]).squeeze(-1)
+        np.testing.assert_allclose(seq.teacher_logprobs, ref.numpy(), atol=1e-3)
