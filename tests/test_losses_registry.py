@@ -11,6 +11,7 @@ from lopd.losses.base import FIELD_SOURCES
 EXPECTED = {
     "sft", "lightning", "rkl_topk", "opd_is", "gkd", "fkl_topk", "fkl_topk_tail", "skew_kl", "skew_rkl",
     "entropy_aware", "tip", "tropd", "aopd", "exopd", "opsd",
+    "grpo", "sod", "uni_opd", "srpo", "sdpo", "rlsd", "rlrt", "rlcsd", "sdar", "ropd",
 }
 
 
@@ -105,8 +106,49 @@ def test_bf16_logits_are_upcast_and_padding_minus_inf_stays_finite():
         logits=logits, tokens=torch.tensor([[0, 2, 4]]), mask=torch.tensor([[1.0, 1.0, 0.0]]),
         topk_ids=torch.tensor([[[0, 1], [2, 3], [4, 0]]]), topk_logprobs=topk_logprobs,
     )
-    for name in ("rkl_topk", "fkl_topk", "fkl_topk_tail", "gkd", "skew_kl", "skew_rkl", "entropy_aware", "opsd"):
+    names = ("rkl_topk", "fkl_topk", "fkl_topk_tail", "gkd", "skew_kl", "skew_rkl", "entropy_aware", "opsd", "sdpo")
+    for name in names:
         spec = get_loss(name)
         out = spec.fn(inp, **spec.resolve_args({}))
         (grad,) = torch.autograd.grad(out.loss, logits)
         assert torch.isfinite(out.loss) and torch.isfinite(grad.float()).all(), name
+
+
+@pytest.mark.parametrize("overrides,message", [({"direction": "up"}, "direction"), ({"mode": "max"}, "mode")])
+def test_uni_opd_bad_choices_raise_lopd_errors(overrides: dict, message: str):
+    inp = bare_inputs(
+        teacher_logprobs=torch.full((1, 3), -1.0), rewards=torch.ones(1), group_ids=torch.zeros(1, dtype=torch.long)
+    )
+    spec = get_loss("uni_opd")
+    with pytest.raises(LopdError, match=message):
+        spec.fn(inp, **spec.resolve_args(overrides))
+
+
+@pytest.mark.parametrize("name", ["grpo", "sod", "uni_opd", "rlsd", "rlrt", "rlcsd", "sdar", "srpo", "ropd"])
+def test_outcome_losses_accept_float32_rewards_with_float32_logits(name: str):
+    """Rewards arrive as float32 and group ids as int64 from the DataLoader; nothing may promote or fail."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 3, 5, generator=g, requires_grad=True)
+    inp = LossInputs(
+        logits=logits, tokens=torch.randint(0, 5, (4, 3), generator=g), mask=torch.tensor([[1.0, 0.0, 1.0]] * 4),
+        behaviour_logprobs=torch.full((4, 3), -1.5), teacher_logprobs=torch.full((4, 3), -1.0),
+        contrast_logprobs=torch.full((4, 3), -2.0), topk_ids=torch.tensor([[[0, 1]] * 3] * 4),
+        topk_logprobs=torch.full((4, 3, 2), -1.0), rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]),
+        rubric_rewards=torch.tensor([0.3, 0.9, 0.5, 0.5]), group_ids=torch.tensor([7, 7, 3, 3]),
+    )
+    spec = get_loss(name)
+    spec.check_inputs(inp.available())
+    out = spec.fn(inp, **spec.resolve_args({}))
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss) and torch.isfinite(grad).all()
+
+
+def test_ropd_names_rollouts_without_a_rubric_reward():
+    inp = bare_inputs(
+        behaviour_logprobs=torch.zeros(1, 3), rubric_rewards=torch.tensor([float("nan")]),
+        group_ids=torch.zeros(1, dtype=torch.long),
+    )
+    spec = get_loss("ropd")
+    with pytest.raises(LopdError, match="rubric reward") as err:
+        spec.fn(inp, **spec.resolve_args({}))
+    assert FIELD_SOURCES["rubric_rewards"] in str(err.value)

@@ -1,5 +1,5 @@
 """Registered xOPD losses. Importing this package registers every loss module."""
-from lopd.losses import distill, divergence, hybrid, policy_gradient  # noqa: F401  (registers)
+from lopd.losses import distill, divergence, hybrid, outcome, policy_gradient, self_distill  # noqa: F401  (registers)
 from lopd.losses.base import (
     REGISTRY,
     LossInputs,

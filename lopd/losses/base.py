@@ -21,6 +21,10 @@ FIELD_SOURCES: dict[str, str] = {
     "rewards": "`lopd rollout --verifier module:function`",
     "group_ids": "`lopd rollout --n N` (N samples per prompt share a group)",
     "base_logprobs": "`lopd score --teacher BASE_MODEL` attached as the `base` score set",
+    "contrast_logprobs": (
+        "`lopd score --context wrong_hint` attached as the `contrast` score set (`lopd train --contrast SCORE_SET`)"
+    ),
+    "rubric_rewards": "`lopd rollout --judge module:function`",
 }
 
 
@@ -42,6 +46,8 @@ class LossInputs:
     rewards: torch.Tensor | None = None  # [B]
     group_ids: torch.Tensor | None = None  # [B]
     base_logprobs: torch.Tensor | None = None
+    contrast_logprobs: torch.Tensor | None = None  # [B, T] sampled-token log-prob under the incorrect-hint context
+    rubric_rewards: torch.Tensor | None = None  # [B] per-rollout rubric reward from a judge
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def available(self) -> set[str]:

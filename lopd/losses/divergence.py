@@ -125,9 +125,19 @@ def opsd(inp: LossInputs, beta: float, tau: float) -> LossOutput:
     exceeds tau contributes the constant tau and therefore zero gradient, so a few tokens on which the
     privileged teacher disagrees wildly cannot dominate the update. tau <= 0 turns the clip off.
     """
+    clipped, over = opsd_per_token(inp, beta, tau)
+    loss = masked_mean(clipped, inp.mask)
+    return LossOutput(loss, {"opsd": loss.item(), "clipped": masked_mean(over, inp.mask).item()})
+
+
+def opsd_per_token(inp: LossInputs, beta: float, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """OPSD's per-token term min(JSD_beta, tau) on the renormalised teacher top-k, and where the clip bit.
+
+    Returns (divergence [B, T], clipped indicator [B, T] without grad, in the mask's dtype); tau <= 0: no clip.
+    Shared by `opsd` and by losses that add the OPSD term to another objective (`sdar`).
+    """
     student, teacher = topk_support(inp)
     divergence = generalized_jsd(student, teacher, beta)
-    clipped = divergence.clamp(max=tau) if tau > 0 else divergence
-    loss = masked_mean(clipped, inp.mask)
-    over = (divergence.detach() > tau).to(inp.mask.dtype) if tau > 0 else torch.zeros_like(inp.mask)
-    return LossOutput(loss, {"opsd": loss.item(), "clipped": masked_mean(over, inp.mask).item()})
+    if tau <= 0:
+        return divergence, torch.zeros_like(inp.mask)
+    return divergence.clamp(max=tau), (divergence.detach() > tau).to(inp.mask.dtype)
