@@ -9,7 +9,8 @@ from lopd.cost.ledger import record_stage
 from lopd.engine import build_llm, resolve_model
 from lopd.errors import LopdError
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
-from lopd.rollout import encode_prompts, load_tokenizer, seeded
+from lopd.environment import load_environment
+from lopd.rollout import SamplingConfig, encode_prompts, generate_with_tool, load_tokenizer, seeded
 from lopd.verifier import load_verifier
 
 
@@ -36,21 +37,30 @@ def evaluate(
     root: Path | None = None,
     experiment: str = "default",
     prompt_format: PromptFormat = PLAIN,
+    tool: str | None = None,
 ) -> EvalResult:
     """Sample `n` responses per prompt and score them. `llm`, if given, must already serve `model` (see EnginePool).
 
     `prompt_format` must be the one the model was trained with (a chat-trained model is evaluated through its
-    chat template).
+    chat template). `tool` (module:attr) runs the multi-turn tool loop of `lopd rollout --tool`; the verifier
+    then sees the whole response, observations included.
     """
     model = resolve_model(model)
     verify = load_verifier(verifier)
     if verify is None:
         raise LopdError("eval needs a verifier: pass --verifier module:function")
+    env = load_environment(tool)
     rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
     tokenizer = load_tokenizer(model)
     prompt_ids = encode_prompts(tokenizer, rows, prompt_format)
     with record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec:
-        result = _sample_and_verify(model, rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, llm)
+        if env is None:
+            result = _sample_and_verify(model, rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, llm)
+        else:
+            engine = llm or build_llm(model, seed=seed)
+            sampling = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
+            trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, logprobs=False)
+            result = _score([(rows[i // n], t.text) for i, t in enumerate(trajectories)], verify)
         rec.tokens = result.samples
         rec.extra = {"accuracy": result.accuracy, "distinct_correct": result.distinct_correct}
     return result
@@ -63,13 +73,16 @@ def _sample_and_verify(model, rows, prompt_ids, tokenizer, verify, n, temperatur
     params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
     outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], seeded(params, seed, len(prompt_ids)),
                               use_tqdm=False)
+    return _score([(row, tokenizer.decode(completion.token_ids, skip_special_tokens=True))
+                   for row, request in zip(rows, outputs) for completion in request.outputs], verify)
+
+
+def _score(samples: list[tuple[dict[str, Any], str]], verify) -> EvalResult:
+    """Mean verifier reward over (prompt row, response text) samples, and the distinct correct responses."""
     total, correct = 0.0, set()
-    for row, request in zip(rows, outputs):
-        for completion in request.outputs:
-            text = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-            reward = float(verify(row, text))
-            total += reward
-            if reward > 0:
-                correct.add((row["prompt"], text))
-    samples = len(rows) * n
-    return EvalResult(total / samples, len(correct), samples)
+    for row, text in samples:
+        reward = float(verify(row, text))
+        total += reward
+        if reward > 0:
+            correct.add((row["prompt"], text))
+    return EvalResult(total / len(samples), len(correct), len(samples))

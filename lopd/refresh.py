@@ -62,7 +62,8 @@ class Refresher:
         pool, ctx = self.context.pool, self.context
         new_rollouts, _ = rollout(str(student), prompts, SamplingConfig(**sampling), root=ctx.root,
                                   verifier=original.meta.get("verifier") or None, llm=pool.get(str(student)),
-                                  quiet=True, experiment=ctx.experiment)
+                                  quiet=True, experiment=ctx.experiment,
+                                  tool=(original.meta.get("tool") or {}).get("spec"), judge=original.meta.get("judge"))
         self.rollout_seconds += time.perf_counter() - start
         config = self.cache.manifest["config"]
         scored = score(ctx.teacher, new_rollouts, ScoreConfig(k=config["k"], logprob_dtype=config["logprob_dtype"],

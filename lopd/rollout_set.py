@@ -36,6 +36,10 @@ SCHEMA = pa.schema(
         ("behaviour_logprobs", pa.list_(pa.float32())),
         ("finish_reason", pa.string()),
         ("reward", pa.float32()),
+        # [start, end) response positions the model generated itself; observation tokens a tool environment
+        # inserted lie between spans. Absent (older sets) or null: the whole response, [[0, len]].
+        ("step_spans", pa.list_(pa.list_(pa.int32()))),
+        ("rubric_reward", pa.float32()),  # a judge's rubric score in [0, 1]; null without --judge
     ]
 )
 
@@ -89,6 +93,30 @@ class RolloutSet:
         return self.table.column("reward").to_numpy(zero_copy_only=False).astype(np.float32)
 
     @cached_property
+    def rubric_rewards(self) -> np.ndarray:
+        """Per-row rubric reward; NaN where no judge scored the row (and for sets older than the column)."""
+        if "rubric_reward" not in self.table.column_names:
+            return np.full(len(self.table), np.nan, dtype=np.float32)
+        return self.table.column("rubric_reward").to_numpy(zero_copy_only=False).astype(np.float32)
+
+    @cached_property
+    def step_spans(self) -> list[list[tuple[int, int]]]:
+        """Per row, the [start, end) spans of model-generated response tokens ([(0, len)] for a plain rollout)."""
+        lengths = [len(r) for r in self.response_ids]
+        if "step_spans" not in self.table.column_names:
+            return [[(0, n)] for n in lengths]
+        stored = self.table.column("step_spans").to_pylist()
+        return [[(int(a), int(b)) for a, b in spans] if spans is not None else [(0, n)]
+                for spans, n in zip(stored, lengths)]
+
+    def loss_mask(self, index: int) -> np.ndarray:
+        """1.0 on the response tokens row `index`'s model generated, 0.0 on tool observations (float32)."""
+        mask = np.zeros(len(self.response_ids[index]), dtype=np.float32)
+        for start, end in self.step_spans[index]:
+            mask[start:end] = 1.0
+        return mask
+
+    @cached_property
     def group_ids(self) -> np.ndarray:
         return self.table.column("group_id").to_numpy()
 
@@ -111,6 +139,7 @@ def write_rollout_set(path: Path, records: list[dict[str, Any]], meta: dict[str,
     staging = path.parent / f".staging-{path.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
+        records = [r if "step_spans" in r else dict(r, step_spans=[[0, len(r["response_ids"])]]) for r in records]
         table = pa.Table.from_pylist(records, schema=SCHEMA)
         pq.write_table(table, staging / TABLE, compression="zstd")
         lengths = [len(r["response_ids"]) for r in records]

@@ -8,3 +8,4 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizer"
 TEACHER_DIR = ASSETS / "teacher"
 STUDENT_BASE_DIR = ASSETS / "student_base"
+CALC_TEACHER_DIR = ASSETS / "calc_teacher"  # the calculator (tool-use) world's teacher: lopd.toy.calc

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lopd.toy import ASSETS
+from lopd.verifier import rubric_score
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SEPARATOR = "="
@@ -79,3 +80,22 @@ def completed_word(prompt: str, response: str) -> str:
 def verify(prompt: dict, response: str) -> float:
     """Outcome reward: 1.0 when prefix + completion is a dictionary word, else 0.0."""
     return float(completed_word(prompt["prompt"], response) in dictionary())
+
+
+# Rubric items (name, weight) of the rule-based judge: ROPD (arXiv 2605.07396) turns weighted items met into a reward.
+RUBRIC = (("dictionary_word", 3.0), ("letters_only", 1.0), ("dictionary_length", 1.0))
+
+
+def rubric(prompt: dict, response: str) -> dict[str, bool]:
+    """Which rubric items a completion meets: a dictionary word, only letters, a length the dictionary uses (4-7)."""
+    word = completed_word(prompt["prompt"], response)
+    return {
+        "dictionary_word": word in dictionary(),
+        "letters_only": bool(response.strip()) and all(ch in LETTERS for ch in response.strip()),
+        "dictionary_length": 4 <= len(word) <= 7,
+    }
+
+
+def judge(prompt: dict, response: str) -> float:
+    """Rule-based rubric judge (`lopd rollout --judge lopd.toy.words:judge`): weighted score in [0, 1]."""
+    return rubric_score(rubric(prompt, response), RUBRIC)
