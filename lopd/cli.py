@@ -93,11 +93,17 @@ def main() -> None:
 @click.option("--max-tokens", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--verifier", default=None, help="Reward function module:function, e.g. lopd.toy.words:verify.")
+@click.option("--tool", default=None,
+              help="Tool environment module:attr, e.g. lopd.toy.calc:ENVIRONMENT: multi-turn generation with the tool's "
+                   "observations inserted (and masked out of the loss).")
+@click.option("--judge", default=None,
+              help="Rubric judge module:function returning a score in [0, 1] (stored as rubric_reward), e.g. "
+                   "lopd.toy.calc:judge.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory (default: content-addressed under the root).")
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, top_p, max_tokens, seed,
-            verifier, out, experiment, root):
+            verifier, tool, judge, out, experiment, root):
     """Generate rollouts with vLLM into a Parquet rollout set."""
     from lopd.prompts import PromptFormat, load_prompts
     from lopd.rollout import SamplingConfig, rollout as run
@@ -108,7 +114,7 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
     rows = load_prompts(prompts, prompt_field, answer_field)
     sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     rollouts, reused = run(model, rows, sampling, root=resolve_root(root), verifier=verifier, out=out,
-                          experiment=experiment, prompt_format=prompt_format)
+                          experiment=experiment, prompt_format=prompt_format, tool=tool, judge=judge)
     emit({"rollout_set": rollouts.id, "path": rollouts.path, "rows": len(rollouts), "reused": reused,
           "response_tokens": rollouts.meta["num_response_tokens"], "seconds": round(time.perf_counter() - start, 1)})
 
@@ -120,15 +126,18 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
 @click.option("--logprob-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--max-batch-tokens", default=16384, show_default=True, help="Token budget per vLLM scoring call (bounds prompt-logprob memory).")
 @click.option("--rows-per-shard", default=1024, show_default=True)
-@click.option("--context-template", default=None,
-              help="Privileged context for a self-teacher, e.g. '{answer}|': filled from each rollout row and spliced "
-                   "before the prompt (after BOS) for scoring only; part of the cache key.")
+@click.option("--context", "--context-template", "context", default=None,
+              help="Privileged context for a self-teacher: a preset (answer, wrong_answer, concise) or a template "
+                   "such as '{answer}|' over the row's prompt, answer, prompt_id, wrong_answer; spliced before the "
+                   "prompt (after BOS) for scoring only; part of the cache key.")
+@click.option("--context-slice", default=0, show_default=True,
+              help="Score with only the prompt's last N tokens (OPSDL's short-context self-teacher); 0 keeps it all.")
 @click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Score only shards i, i+N, ... (i/N) for multi-node jobs.")
 @click.option("--out", type=click.Path(file_okay=False), default=None)
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, context_template, shard_spec, out,
-          experiment, root):
+def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, context, context_slice, shard_spec,
+          out, experiment, root):
     """Score every rollout token once with the teacher (vLLM) into a Zarr v3 score set."""
     from lopd.rollout_set import RolloutSet
     from lopd.score import ScoreConfig, score as run
@@ -136,7 +145,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
     root = resolve_root(root)
     rollouts = RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts"))
     config = ScoreConfig(k=k, logprob_dtype=logprob_dtype, max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
-                         context=context_template)
+                         context=context, context_slice=context_slice)
     result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec), experiment=experiment)
     if result.reused:
         click.echo(f"cache hit: score set {result.id} already holds these scores; no teacher work done", err=True)
@@ -166,11 +175,20 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
               help="Cache refresh policy key=value (repeatable): kl=0.05, weight_out_of_band=0.2, band=0.2, "
                    "check_every=25, every_step=true. Needs --teacher.")
 @click.option("--teacher", default=None, help="Teacher that scored the cache (needed to re-score refreshed shards).")
+@click.option("--base", "base_ref", default=None,
+              help="Score set of the same rollouts by the base/reference model (G-OPD's pi_base: exopd).")
+@click.option("--contrast", "contrast_ref", default=None,
+              help="Score set of the same rollouts under the incorrect-hint context (RLCSD's contrast: rlcsd).")
+@click.option("--token-filter", default="none", show_default=True, type=click.Choice(["none", "aligned"]),
+              help="aligned: train only on tokens whose teacher-signal gradient is positively aligned with the GRPO "
+                   "outcome gradient (needs rewards and --n > 1 rollouts; see `lopd diagnose alignment`).")
+@click.option("--token-filter-signal", default="",
+              help="Loss whose gradient is the teacher signal for --token-filter (default: the training loss).")
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size, micro_batch_size, steps, epochs,
           warmup_steps, zero_stage, seed, allow_teacher_mismatch, allow_lineage_mismatch, refresh_args, teacher,
-          experiment, root):
+          base_ref, contrast_ref, token_filter, token_filter_signal, experiment, root):
     """Train a student with DeepSpeed from a cache (or rollout set, for SFT)."""
     from lopd.cache.reader import open_cache
     from lopd.losses import get_loss
@@ -187,7 +205,8 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
     config = TrainConfig(loss=loss, loss_args=parse_pairs(loss_args, "--loss-arg"), lr=lr, batch_size=batch_size,
                          micro_batch_size=micro_batch_size, steps=steps, epochs=epochs, warmup_steps=warmup_steps,
                          zero_stage=zero_stage, seed=seed, allow_teacher_mismatch=allow_teacher_mismatch,
-                         allow_lineage_mismatch=allow_lineage_mismatch, refresh=refresh)
+                         allow_lineage_mismatch=allow_lineage_mismatch, refresh=refresh, token_filter=token_filter,
+                         token_filter_signal=token_filter_signal)
     context = None
     if refresh:
         if not teacher:
@@ -196,7 +215,10 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
         from lopd.refresh import RefreshContext
 
         context = RefreshContext(teacher, EnginePool(max_logprobs=max(source.k, 1)), root, experiment)
-    result = run(student, source, config, Path(out), root=root, experiment=experiment, refresh_context=context)
+    attached = {field: open_cache(find_artifact(ref, root, "scores"))
+                for field, ref in (("base_logprobs", base_ref), ("contrast_logprobs", contrast_ref)) if ref}
+    result = run(student, source, config, Path(out), root=root, experiment=experiment, attached=attached,
+                 refresh_context=context)
     emit({"checkpoint": result.checkpoint, "steps": result.steps, "tokens": result.tokens,
           "seconds": round(result.seconds, 1), "final": result.final_metrics})
 
@@ -209,14 +231,15 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
 @click.option("--temperature", default=1.0, show_default=True)
 @click.option("--max-tokens", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--tool", default=None, help="Tool environment module:attr (as for `lopd rollout --tool`).")
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def eval_(model, prompts, verifier, n, temperature, max_tokens, seed, experiment, root):
+def eval_(model, prompts, verifier, n, temperature, max_tokens, seed, tool, experiment, root):
     """Accuracy of a model on a prompt set (vLLM sampling + verifier)."""
     from lopd.evaluate import evaluate
 
     emit(evaluate(model, prompts, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                  root=resolve_root(root), experiment=experiment).as_dict())
+                  root=resolve_root(root), experiment=experiment, tool=tool).as_dict())
 
 
 @main.command()
@@ -231,18 +254,21 @@ def losses():
 
 @main.group()
 def toy():
-    """The bundled toy world (dictionary completion)."""
+    """The bundled toy worlds (dictionary completion; calculator tool use)."""
 
 
 @toy.command("prompts")
 @click.option("--split", type=click.Choice(["teacher", "sft", "opd", "eval", "test"]), required=True)
 @click.option("--n", default=500, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-def toy_prompts(split, n, out):
+@click.option("--world", type=click.Choice(["words", "calc"]), default="words", show_default=True,
+              help="calc: calculator expressions for `--tool lopd.toy.calc:ENVIRONMENT --verifier lopd.toy.calc:verify`.")
+def toy_prompts(split, n, out, world):
     """Write a split of toy prompts as JSON Lines."""
-    from lopd.toy import words
+    from lopd.toy import calc, words
 
-    click.echo(words.write_prompts_jsonl(words.make_prompts(split, n), out))
+    module = calc if world == "calc" else words
+    click.echo(module.write_prompts_jsonl(module.make_prompts(split, n), out))
 
 
 @main.command("run")
@@ -267,6 +293,39 @@ def demo(seeds, out, quick, root):
 
     root = resolve_root(root)
     run_demo(quick, [int(s) for s in seeds.split(",")] if seeds else None, root, Path(out) if out else root / "demo")
+
+
+@main.group()
+def diagnose():
+    """Diagnostics of a cache and a student (no training)."""
+
+
+@diagnose.command("alignment")
+@click.option("--cache", "cache_ref", required=True, help="Score set directory or id (its rollouts need rewards and --n > 1).")
+@click.option("--student", required=True, help="Student checkpoint (HF directory or hub name).")
+@click.option("--signal", default="rkl_topk", show_default=True, help="Registered loss used as the teacher signal.")
+@click.option("--signal-arg", "signal_args", multiple=True, help="Signal loss hyperparameter key=value (repeatable).")
+@click.option("--rows", default=256, show_default=True, help="Rollouts analysed (sampled by --seed among those with A_GRPO != 0).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Report directory (default: <root>/diagnostics/alignment-<cache>-<student fp>-<signal>).")
+@ROOT_OPTION
+def diagnose_alignment(cache_ref, student, signal, signal_args, rows, seed, out, root):
+    """Cosine between the teacher-signal and GRPO outcome gradients, per rollout and per token (arXiv 2605.10889)."""
+    from lopd.alignment import diagnose_alignment as run
+    from lopd.cache.reader import open_cache
+
+    root = resolve_root(root)
+    cache = open_cache(find_artifact(cache_ref, root, "scores"))
+    report = run(student, cache, signal=signal, signal_args=parse_pairs(signal_args, "--signal-arg"), rows=rows,
+                 seed=seed, out=Path(out) if out else None, root=root)
+    emit({"report": report["out"], "cache": report["cache"], "signal": report["signal"],
+          "rows": report["rows_sampled"], "rows_zero_advantage": report["rows_zero_advantage"],
+          "per_rollout": {s: {k: report["per_rollout"][s][k] for k in ("count", "mean", "fraction_positive")}
+                          for s in ("failed", "successful")},
+          "per_token": {s: {k: report["per_token"][s][k] for k in ("count", "mean", "fraction_positive")}
+                        for s in ("failed", "successful")},
+          "seconds": report["seconds"]})
 
 
 def _attach_subcommands() -> None:

@@ -80,8 +80,10 @@ def expand_stages(spec: dict[str, Any]) -> list[Stage]:
     return stages
 
 
-REFERENCE_FIELDS = {"rollout": ("model",), "score": ("teacher", "rollouts"), "train": ("student", "rollouts", "cache", "base_cache", "teacher"),
-                    "eval": ("models",)}
+# Train-stage keys naming a score stage to attach -> the LossInputs field it fills (lopd.train.data.ATTACHABLE).
+ATTACHED_STAGE_KEYS = {"base_cache": "base_logprobs", "contrast_cache": "contrast_logprobs"}
+REFERENCE_FIELDS = {"rollout": ("model",), "score": ("teacher", "rollouts"),
+                    "train": ("student", "rollouts", "cache", *ATTACHED_STAGE_KEYS, "teacher"), "eval": ("models",)}
 
 
 def resolve_dependencies(stages: list[Stage], spec: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from lopd.cache.reader import open_cache
 from lopd.engine import EnginePool
 from lopd.errors import LopdError
 from lopd.evaluate import evaluate
-from lopd.pipeline import Plan, Stage
+from lopd.pipeline import ATTACHED_STAGE_KEYS, Plan, Stage
 from lopd.prompts import PromptFormat, load_prompts
 from lopd.refresh import RefreshContext
 from lopd.rollout import SamplingConfig, encode_prompts, load_tokenizer, rollout
@@ -20,7 +20,7 @@ from lopd.storage import write_json_atomic
 from lopd.train.online import OnlineSampler
 from lopd.train.trainer import TrainConfig, train
 
-TOY_MODELS = {"toy:teacher": "TEACHER_DIR", "toy:student_base": "STUDENT_BASE_DIR"}
+TOY_MODELS = {"toy:teacher": "TEACHER_DIR", "toy:student_base": "STUDENT_BASE_DIR", "toy:calc_teacher": "CALC_TEACHER_DIR"}
 
 
 def pick(cls, params: dict[str, Any]):
@@ -61,10 +61,11 @@ class StageRunner:
     def prompts(self, name: str) -> list[dict[str, Any]]:
         if name not in self.prompt_cache:
             source = self.spec["prompts"][name]
-            if "toy" in source:
-                from lopd.toy import words
+            if "toy" in source:  # { toy = SPLIT, n = N, world = "words" | "calc" }
+                from lopd.toy import calc, words
 
-                rows = [asdict(p) for p in words.make_prompts(source["toy"], int(source["n"]))]
+                world = {"words": words, "calc": calc}[source.get("world", "words")]
+                rows = [asdict(p) for p in world.make_prompts(source["toy"], int(source["n"]))]
             else:
                 rows = load_prompts(source["path"], source.get("prompt_field", "prompt"),
                                     source.get("answer_field", "answer"))
@@ -109,7 +110,8 @@ class StageRunner:
         model = self.model_path(p["model"], outputs)
         rollouts, reused = rollout(model, self.prompts(p["prompts"]), pick(SamplingConfig, p), root=self.root,
                                    verifier=p.get("verifier"), llm=self.engines().get(model),
-                                   experiment=self.experiment(plan, stage), prompt_format=pick(PromptFormat, p))
+                                   experiment=self.experiment(plan, stage), prompt_format=pick(PromptFormat, p),
+                                   tool=p.get("tool"), judge=p.get("judge"))
         return {"path": str(rollouts.path), "id": rollouts.id, "reused": reused}
 
     def run_score(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
@@ -135,13 +137,13 @@ class StageRunner:
             source = RolloutSet.open(outputs[p["rollouts"]]["path"])
         else:
             raise LopdError(f"pipeline stage {stage.id!r}: a train stage needs `cache`, `rollouts` or `online = true`")
-        base = open_cache(outputs[p["base_cache"]]["path"]) if "base_cache" in p else None
+        attached = {field: open_cache(outputs[p[key]]["path"]) for key, field in ATTACHED_STAGE_KEYS.items() if key in p}
         refresh = None
         if config.refresh:
             refresh = RefreshContext(self.model_path(p["teacher"], outputs), self.engines(), self.root,
                                      self.experiment(plan, stage))
         result = train(student, source, config, out_dir / stage.id, batches=batches, root=self.root,
-                       experiment=self.experiment(plan, stage), base=base, refresh_context=refresh)
+                       experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh)
         return {"path": str(result.checkpoint), "steps": result.steps, "tokens": result.tokens, **result.refresh}
 
     def online_sampler(self, p: dict[str, Any], student: str, outputs, config: TrainConfig) -> OnlineSampler:
@@ -163,6 +165,7 @@ class StageRunner:
             results[ref] = evaluate(model, self.prompts(p["prompts"]), p["verifier"], n=int(p.get("n", 1)),
                                     temperature=float(p.get("temperature", 1.0)), max_tokens=int(p.get("max_tokens", 32)),
                                     llm=self.engines().get(model), root=self.root, prompt_format=pick(PromptFormat, p),
+                                    tool=p.get("tool"),
                                     experiment=f"{self.spec['name']}/seed{plan.seed}/{ref}").as_dict()
         path = out_dir / f"{stage.id}.json"
         write_json_atomic(path, results)

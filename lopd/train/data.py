@@ -14,24 +14,48 @@ from lopd.losses.base import LossInputs
 from lopd.rollout_set import RolloutSet
 
 
+# LossInputs fields that an attached score set fills -> the role of that score set, for messages.
+ATTACHABLE = {"base_logprobs": "base", "contrast_logprobs": "contrast"}
+
+
+def available_fields(source: ScoreCache | RolloutSet | None, attached: dict[str, ScoreCache] | None = None) -> set[str]:
+    """The LossInputs fields batches from `source` (plus attached score sets) carry, for checking a loss's needs."""
+    if source is None:
+        return set()
+    rollouts = source.rollouts if isinstance(source, ScoreCache) else source
+    available = {"behaviour_logprobs", "rewards", "group_ids"} | set(attached or {})
+    if isinstance(source, ScoreCache):
+        available |= {"teacher_logprobs", "topk"}
+    if np.isfinite(rollouts.rubric_rewards).any():
+        available.add("rubric_rewards")
+    return available
+
+
 class SequenceDataset(Dataset):
     """Item i = rollout row i as numpy arrays; teacher fields present only when backed by a score set."""
 
-    def __init__(self, source: ScoreCache | RolloutSet, base: ScoreCache | None = None):
+    def __init__(self, source: ScoreCache | RolloutSet, attached: dict[str, ScoreCache] | None = None):
         self.cache = source if isinstance(source, ScoreCache) else None
         self.rollouts = source.rollouts if isinstance(source, ScoreCache) else source
-        self.base = base  # a second score set over the same rollouts, scored by the base/reference model (G-OPD)
+        # Further score sets over the same rollouts, by the LossInputs field their sampled-token log-probs fill:
+        # "base_logprobs" (G-OPD's base model), "contrast_logprobs" (RLCSD's incorrect-hint self-teacher).
+        self.attached = dict(attached or {})
         self.replaced: dict[int, tuple[ScoreCache, int]] = {}  # row -> (refreshed score set, its row)
-        if base is not None and (self.cache is None or base.rollouts.id != self.rollouts.id):
-            raise LopdError("the base score set must score the same rollout set as the teacher cache")
+        for name, cache in self.attached.items():
+            if name not in ATTACHABLE:
+                raise LopdError(f"a score set can be attached as {', '.join(ATTACHABLE)}, not {name!r}")
+            if self.cache is None or cache.rollouts.id != self.rollouts.id:
+                raise LopdError(f"the {ATTACHABLE[name]} score set {cache.id} must score the same rollout set as the "
+                                f"teacher cache ({self.rollouts.id}), not {cache.rollouts.id}")
 
     def __len__(self) -> int:
         return len(self.rollouts)
 
     def replace(self, index: int, cache: ScoreCache, row: int) -> None:
         """Serve row `index` from a refreshed score set from now on (its group id is kept)."""
-        if self.base is not None:
-            raise LopdError("cache refresh cannot be combined with a base score set (G-OPD) yet")
+        if self.attached:
+            raise LopdError(f"cache refresh cannot be combined with attached score sets ({', '.join(self.attached)}) "
+                            "yet: they would not be re-scored")
         self.replaced[index] = (cache, row)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -44,15 +68,19 @@ class SequenceDataset(Dataset):
                 "behaviour_logprobs": seq.behaviour_logprobs, "reward": seq.reward,
                 "group_id": int(self.rollouts.group_ids[index]),
                 "teacher_logprobs": seq.teacher_logprobs, "topk_ids": seq.topk_ids, "topk_logprobs": seq.topk_logprobs,
+                # a refreshed row comes from the refreshed score set's own rollout set
+                "loss_mask": cache.rollouts.loss_mask(row),
+                "rubric_reward": float(cache.rollouts.rubric_rewards[row]),
             }
-            if self.base is not None:
-                item["base_logprobs"] = self.base[index].teacher_logprobs
+            for name, attached in self.attached.items():
+                item[name] = attached[index].teacher_logprobs
             return item
         r = self.rollouts
         return {
             "row": index, "prompt_ids": r.prompt_ids[index], "response_ids": r.response_ids[index],
             "behaviour_logprobs": r.behaviour_logprobs[index], "reward": float(r.rewards[index]),
             "group_id": int(r.group_ids[index]),
+            "loss_mask": r.loss_mask(index), "rubric_reward": float(r.rubric_rewards[index]),
         }
 
 
@@ -94,7 +122,10 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> Batch:
     input_ids = _pad(sequences, width, pad_id, np.int64)
     attention = _pad([np.ones(len(s), np.int64) for s in sequences], width, 0, np.int64)
     tokens = _pad(responses, steps, pad_id, np.int64)
-    mask = _pad([np.ones(len(r), np.float32) for r in responses], steps, 0.0, np.float32)
+    # 1 on the tokens the model generated, 0 on tool observations (loss_mask) and on padding; items built
+    # without a loss mask (live-sampled batches) count every response token.
+    mask = _pad([np.asarray(i["loss_mask"], np.float32) if i.get("loss_mask") is not None else np.ones(len(r), np.float32)
+                 for i, r in zip(items, responses)], steps, 0.0, np.float32)
     # Logit row p predicts token p+1, so response token t of row b comes from row len(prompt_b) - 1 + t.
     starts = torch.tensor([len(p) - 1 for p in prompts]).unsqueeze(1)
     positions = (starts + torch.arange(steps).unsqueeze(0)).clamp_max(width - 1)
@@ -103,11 +134,15 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> Batch:
         "rewards": torch.tensor([i["reward"] for i in items], dtype=torch.float32),
         "group_ids": torch.tensor([i["group_id"] for i in items], dtype=torch.int64),
     }
+    rubric = [float(i.get("rubric_reward", np.nan)) for i in items]
+    if any(np.isfinite(rubric)):
+        fields["rubric_rewards"] = torch.tensor(rubric, dtype=torch.float32)  # NaN where a row has no rubric score
     if "teacher_logprobs" in items[0]:
         fields["teacher_logprobs"] = _pad([i["teacher_logprobs"].astype(np.float32) for i in items], steps, 0.0, np.float32)
         fields["topk_ids"] = _pad([i["topk_ids"].astype(np.int64) for i in items], steps, 0, np.int64)
         fields["topk_logprobs"] = _pad([i["topk_logprobs"].astype(np.float32) for i in items], steps, 0.0, np.float32)
-    if "base_logprobs" in items[0]:
-        fields["base_logprobs"] = _pad([i["base_logprobs"].astype(np.float32) for i in items], steps, 0.0, np.float32)
+    for name in ATTACHABLE:
+        if name in items[0]:
+            fields[name] = _pad([i[name].astype(np.float32) for i in items], steps, 0.0, np.float32)
     rows = torch.tensor([i["row"] for i in items]) if "row" in items[0] else None
     return Batch(input_ids, attention, rows, positions, tokens, mask, fields)

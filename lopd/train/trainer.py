@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from lopd import alignment
 from lopd.cache.reader import ScoreCache
 from lopd.cost.ledger import record_stage
 from lopd.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
@@ -31,7 +32,8 @@ from lopd.losses.base import LossSpec
 from lopd.refresh import Refresher, RefreshContext
 from lopd.rollout_set import RolloutSet
 from lopd.train import distributed
-from lopd.train.data import Batch, SequenceDataset, collate
+from lopd.train.data import Batch, SequenceDataset, available_fields, collate
+from lopd.train.sampling import GroupBatchSampler
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class TrainConfig:
     allow_teacher_mismatch: bool = False
     allow_lineage_mismatch: bool = False
     refresh: dict[str, Any] = field(default_factory=dict)  # RefreshPolicy fields; empty = never (Lightning OPD)
+    token_filter: str = "none"  # "aligned": train only on tokens whose teacher gradient agrees with GRPO's (lopd.alignment)
+    token_filter_signal: str = ""  # loss whose gradient is the teacher signal for the filter; "" = the training loss
 
 
 @dataclass
@@ -98,10 +102,8 @@ class HookedBatchSampler:
     """Yields each micro-batch's row indices after calling `before(rows)`: the point where an every-step
     refresh re-samples exactly the rows about to be trained on, before the DataLoader reads them."""
 
-    def __init__(self, sampler, micro: int, before: Callable[[list[int]], None] | None):
-        from torch.utils.data import BatchSampler
-
-        self.batches = BatchSampler(sampler, micro, drop_last=False)
+    def __init__(self, batches, before: Callable[[list[int]], None] | None):
+        self.batches = batches
         self.before = before
 
     def __iter__(self):
@@ -115,17 +117,26 @@ class HookedBatchSampler:
 
 
 def offline_batches(dataset: SequenceDataset, config: TrainConfig, micro: int, pad_id: int,
-                    before: Callable[[list[int]], None] | None = None) -> Iterator[Batch]:
-    """Shuffled micro-batches over the cache through a DataLoader, epoch after epoch, each rank its own slice."""
-    from torch.utils.data import DataLoader, DistributedSampler
+                    before: Callable[[list[int]], None] | None = None, grouped: bool = False) -> Iterator[Batch]:
+    """Shuffled micro-batches over the cache through a DataLoader, epoch after epoch, each rank its own slice.
 
-    sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                 shuffle=True, seed=config.seed, drop_last=False)
-    loader = DataLoader(dataset, batch_sampler=HookedBatchSampler(sampler, micro, before),
+    `grouped`: micro-batches of whole groups (the rollouts of one prompt), for group-relative losses.
+    """
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    if grouped:
+        batches = GroupBatchSampler(dataset.rollouts.group_ids, micro, distributed.rank(), distributed.world_size(),
+                                    config.seed)
+        set_epoch = batches.set_epoch
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=True, seed=config.seed, drop_last=False)
+        batches, set_epoch = BatchSampler(sampler, micro, drop_last=False), sampler.set_epoch
+    loader = DataLoader(dataset, batch_sampler=HookedBatchSampler(batches, before),
                         collate_fn=partial(collate, pad_id=pad_id))
     epoch = 0
     while True:
-        sampler.set_epoch(epoch)
+        set_epoch(epoch)
         yield from loader
         epoch += 1
 
@@ -144,14 +155,16 @@ def train(
     quiet: bool = False,
     root: Path | None = None,
     experiment: str = "default",
-    base: ScoreCache | None = None,
+    attached: dict[str, ScoreCache] | None = None,
     refresh_context: RefreshContext | None = None,
 ) -> TrainResult:
     """Train `student` on `source`, or on `batches(model)` from a live sampler, and save a HF checkpoint to `out_dir`.
 
     With `config.refresh` thresholds (and a `refresh_context` naming the teacher and engines), stale cache shards
-    are re-rolled and re-scored during training (lopd.refresh).
+    are re-rolled and re-scored during training (lopd.refresh). `attached` maps LossInputs fields to further score
+    sets over the same rollouts (lopd.train.data.ATTACHABLE: G-OPD's base model, RLCSD's contrast).
     """
+    attached = dict(attached or {})
     student = resolve_model(student)
     spec: LossSpec = get_loss(config.loss)
     loss_args = spec.resolve_args(config.loss_args)
@@ -163,26 +176,22 @@ def train(
     if isinstance(source, ScoreCache):
         check_teacher_consistency(student, source, config.allow_teacher_mismatch)
     if source is not None:
-        available = {"behaviour_logprobs", "rewards", "group_ids"}
-        if isinstance(source, ScoreCache):
-            available |= {"teacher_logprobs", "topk"}
-        if base is not None:
-            available.add("base_logprobs")
-        spec.check_inputs(available)
+        spec.check_inputs(available_fields(source, attached))
+    alignment.check_token_filter(config.token_filter, source, refresh=policy.enabled, signal=config.token_filter_signal)
 
     inputs = [student]
     if isinstance(source, ScoreCache):
-        inputs += [source.id, source.rollouts.id] + ([base.id] if base is not None else [])
+        inputs += [source.id, source.rollouts.id] + [cache.id for cache in attached.values()]
     elif isinstance(source, RolloutSet):
         inputs += [source.id]
     deepspeed = distributed.init_process_group()
     if distributed.rank() != 0:
-        return _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, deepspeed, base,
-                        refresh_context)
+        return _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, deepspeed, attached,
+                      refresh_context)
     stage = "sft" if config.loss == "sft" else "train"
     with record_stage(root, experiment=experiment, stage=stage, method=config.loss, artifact=str(Path(out_dir).resolve()),
                       inputs=inputs) as rec:
-        result = _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, deepspeed, base,
+        result = _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, deepspeed, attached,
                         refresh_context)
         rec.tokens = result.tokens
         rec.extra = {"steps": result.steps, **result.refresh}
@@ -192,7 +201,7 @@ def train(
 
 
 def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_dir: Path, batches, quiet,
-           deepspeed, base: ScoreCache | None, refresh_context: RefreshContext | None) -> TrainResult:
+           deepspeed, attached: dict[str, ScoreCache], refresh_context: RefreshContext | None) -> TrainResult:
     """The training loop proper (every rank runs it; rank 0 also writes metrics and the checkpoint)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,13 +220,14 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out_dir.mkdir(parents=True, exist_ok=True)
     policy = RefreshPolicy(**config.refresh)
+    token_filter = alignment.build_token_filter(config.token_filter, source, spec, loss_args, config.token_filter_signal)
     drift = ShardDrift(source.manifest["rows_per_shard"] if isinstance(source, ScoreCache) else 1 << 62)
     refresher = None
     step = 0
     if batches is not None:
         stream = batches(engine.module)
     else:
-        dataset = SequenceDataset(source, base)
+        dataset = SequenceDataset(source, attached)
         if policy.enabled:
             if distributed.world_size() > 1 or config.zero_stage == 3:
                 raise LopdError("cache refresh runs in one process with ZeRO stage <= 2 for now")
@@ -225,7 +235,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
         before = None
         if refresher is not None and policy.every_step:
             before = lambda rows: refresher.refresh(list(rows), engine.module, tokenizer, step)  # noqa: E731
-        stream = offline_batches(dataset, config, micro, pad_id, before)
+        stream = offline_batches(dataset, config, micro, pad_id, before, grouped="group_ids" in spec.needs)
 
     is_main = distributed.rank() == 0
     metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
@@ -241,7 +251,12 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
             batch = next(stream)
             logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             inputs = batch.loss_inputs(logits)
-            out = spec.fn(inputs, **loss_args)
+            filtered_inputs = inputs  # drift metrics below keep every token; only the loss sees the filter
+            if token_filter is not None:
+                filtered_inputs, filtered = token_filter(inputs, batch.rows)
+                for key, value in filtered.items():
+                    window.setdefault(key, []).append(value)
+            out = spec.fn(filtered_inputs, **loss_args)
             engine.backward(out.loss)
             engine.step()
             tokens_seen += batch.num_tokens
