@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import json
 import statistics
-import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 

@@ -19,6 +19,9 @@ import torch
 
 from lopd.losses import REGISTRY, LossInputs, get_loss
 
+# The divergence references of registry I serve here too (they are shape-agnostic).
+from test_losses_reference import ref_jsd, ref_probs, ref_support
+
 T, V, K = 8, 10, 4
 EPS = 1e-6  # tail floor of the top-k support
 STD_EPS = 1e-6  # GRPO's std epsilon
@@ -90,12 +93,6 @@ def ref_mean(keep: list[tuple[int, int]], term: Callable[[int, int], torch.Tenso
     return total / max(len(keep), 1)
 
 
-def ref_probs(z: torch.Tensor) -> list[torch.Tensor]:
-    exps = [torch.exp(z[v]) for v in range(z.shape[0])]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
 def ref_token_logp(inp: LossInputs, b: int, t: int) -> torch.Tensor:
     return torch.log(ref_probs(inp.logits[b, t])[int(inp.tokens[b, t])])
 
@@ -142,35 +139,6 @@ def ref_ratio(inp: LossInputs, b: int, t: int) -> torch.Tensor:
 def ref_pg(inp: LossInputs, advantage: Callable[[int, int], float], clip_low: float, clip_high: float) -> torch.Tensor:
     """-token-mean of the clipped surrogate with the given per-token advantage."""
     return ref_mean(positions(inp), lambda b, t: -ref_ppo(ref_ratio(inp, b, t), advantage(b, t), clip_low, clip_high))
-
-
-def ref_tail(masses: list[torch.Tensor]) -> torch.Tensor:
-    rest = 1.0 - sum(masses)
-    return rest if rest.item() > EPS else torch.tensor(EPS, dtype=F64)
-
-
-def ref_support(inp: LossInputs, b: int, t: int, tail: bool):
-    ids = [int(i) for i in inp.topk_ids[b, t]]
-    student_full = ref_probs(inp.logits[b, t])
-    student = [student_full[v] for v in ids]
-    teacher = [torch.exp(inp.topk_logprobs[b, t, j]) for j in range(len(ids))]
-    if tail:
-        return student + [ref_tail(student)], teacher + [ref_tail(teacher)]
-    s_total, t_total = sum(student), sum(teacher)
-    return [q / s_total for q in student], [p / t_total for p in teacher]
-
-
-def ref_kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> torch.Tensor:
-    return sum(pi * (torch.log(pi) - torch.log(qi)) for pi, qi in zip(p, q))
-
-
-def ref_jsd(student: list, teacher: list, beta: float) -> torch.Tensor:
-    if beta == 0.0:
-        return ref_kl(teacher, student)
-    if beta == 1.0:
-        return ref_kl(student, teacher)
-    m = [beta * p + (1 - beta) * q for p, q in zip(teacher, student)]
-    return beta * ref_kl(teacher, m) + (1 - beta) * ref_kl(student, m)
 
 
 def ref_teacher_entropy(inp: LossInputs, b: int, t: int) -> float:

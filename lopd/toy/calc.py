@@ -14,14 +14,12 @@ Everything here is plain Python: the prompt splits, the outcome verifier (`verif
 """
 from __future__ import annotations
 
-import json
 import random
 import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lopd.environment import ToolEnvironment
+from lopd.toy.splits import Prompt, write_prompts_jsonl  # noqa: F401  (re-exported)
 from lopd.verifier import rubric_score
 
 SEPARATOR = "="
@@ -32,13 +30,6 @@ SPLIT_SEEDS = {"teacher": 111, "sft": 222, "opd": 333, "eval": 444, "test": 555}
 
 _CALL = re.compile(r"^(-?\d+)([+\-*])(-?\d+)$")
 _PROMPT = re.compile(r"^(\d+(?:[+\-*]\d+)*)=$")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    prompt: str
-    answer: str  # the left-to-right value of the expression
 
 
 def apply(a: int, op: str, b: int) -> int:
@@ -78,15 +69,6 @@ def make_prompts(split: str, n: int, min_ops: int = 1, max_ops: int = 2) -> list
         text = random_expression(rng, min_ops, max_ops)
         prompts.append(Prompt(id=f"calc-{split}-{i}", prompt=text, answer=str(evaluate_left_to_right(text))))
     return prompts
-
-
-def write_prompts_jsonl(prompts: list[Prompt], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for p in prompts:
-            f.write(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}) + "\n")
-    return path
 
 
 def reference_steps(prompt: str) -> list[tuple[str, str]]:

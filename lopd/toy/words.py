@@ -11,14 +11,12 @@ Digit arithmetic was rejected for the demo: its teacher is near-deterministic, s
 """
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterable
 
 from lopd.toy import ASSETS
+from lopd.toy.splits import Prompt, write_prompts_jsonl  # noqa: F401  (re-exported)
 from lopd.verifier import rubric_score
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -45,13 +43,6 @@ def dictionary() -> frozenset[str]:
     return frozenset(DICTIONARY_FILE.read_text().split())
 
 
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    prompt: str
-    answer: str  # one valid reference completion (the word the prefix was cut from)
-
-
 def make_prompts(split: str, n: int, words: Iterable[str] | None = None, max_prefix: int = 2) -> list[Prompt]:
     """`n` prefixes cut from random dictionary words, 1..max_prefix letters, deterministic per split."""
     vocab = sorted(words if words is not None else dictionary())
@@ -62,15 +53,6 @@ def make_prompts(split: str, n: int, words: Iterable[str] | None = None, max_pre
         cut = rng.randint(1, max_prefix)
         prompts.append(Prompt(id=f"{split}-{i}", prompt=word[:cut] + SEPARATOR, answer=word[cut:]))
     return prompts
-
-
-def write_prompts_jsonl(prompts: list[Prompt], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for p in prompts:
-            f.write(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}) + "\n")
-    return path
 
 
 def completed_word(prompt: str, response: str) -> str:
