@@ -154,43 +154,25 @@ def _generate(model, rows, prompt_ids, tokenizer, sampling: SamplingConfig, veri
     outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], seeded(params, sampling.seed, len(prompt_ids)),
                               use_tqdm=not quiet)
 
-    records = []
-    for group_id, (row, ids, request) in enumerate(zip(rows, prompt_ids, outputs)):
+    samples: list[Trajectory] = []
+    for row, ids, request in zip(rows, prompt_ids, outputs):
         if list(request.prompt_token_ids) != ids:
             raise LopdError(f"vLLM generated prompt {row['id']} from other token ids than the ones given; "
                             f"the rollout set would not match its own prompts, so nothing was written")
-        for sample_index, completion in enumerate(request.outputs):
+        for completion in request.outputs:
             response = list(completion.token_ids)
-            text = tokenizer.decode(response, skip_special_tokens=True)
-            records.append(
-                {
-                    "prompt_id": row["id"],
-                    "group_id": group_id,
-                    "sample_index": sample_index,
-                    "prompt": row["prompt"],
-                    "answer": None if row.get("answer") is None else str(row["answer"]),
-                    "prompt_ids": ids,
-                    "response_ids": response,
-                    "behaviour_logprobs": sampled_logprobs(completion.logprobs, response),
-                    "finish_reason": str(completion.finish_reason),
-                    "reward": None if verify is None else float(verify(row, text)),
-                    "step_spans": [[0, len(response)]],
-                    "rubric_reward": None,
-                    "text": text,
-                }
-            )
-    return records
+            samples.append(Trajectory(response, sampled_logprobs(completion.logprobs, response), [[0, len(response)]],
+                                      str(completion.finish_reason),
+                                      text=tokenizer.decode(response, skip_special_tokens=True)))
+    return rollout_records(rows, prompt_ids, samples, sampling.n, verify)
 
 
-def _generate_with_tool(model, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, env: Environment, llm,
-                        quiet) -> list[dict[str, Any]]:
-    """Multi-turn rollouts: n separate requests per prompt (same group id), the tool's observations spliced in."""
-    engine = llm or build_llm(model, seed=sampling.seed)
-    trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, quiet=quiet)
+def rollout_records(rows, prompt_ids, samples: list["Trajectory"], n: int, verify) -> list[dict[str, Any]]:
+    """One rollout-set record per sample; sample g*n+s is sample s of prompt g (its group), rewarded by `verify`."""
     records = []
     for group_id, (row, ids) in enumerate(zip(rows, prompt_ids)):
-        for sample_index in range(sampling.n):
-            t = trajectories[group_id * sampling.n + sample_index]
+        for sample_index in range(n):
+            t = samples[group_id * n + sample_index]
             records.append(
                 {
                     "prompt_id": row["id"],
@@ -211,9 +193,17 @@ def _generate_with_tool(model, rows, prompt_ids, tokenizer, sampling: SamplingCo
     return records
 
 
+def _generate_with_tool(model, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, env: Environment, llm,
+                        quiet) -> list[dict[str, Any]]:
+    """Multi-turn rollouts: n separate requests per prompt (same group id), the tool's observations spliced in."""
+    engine = llm or build_llm(model, seed=sampling.seed)
+    trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, quiet=quiet)
+    return rollout_records(rows, prompt_ids, trajectories, sampling.n, verify)
+
+
 @dataclass
 class Trajectory:
-    """One multi-turn response: the model's tokens and the environment's observations, interleaved."""
+    """One sampled response: the model's tokens and, with a tool, the environment's observations interleaved."""
 
     response_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # behaviour log-probs; 0.0 on observation tokens
