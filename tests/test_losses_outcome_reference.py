@@ -20,7 +20,7 @@ import torch
 from lopd.losses import REGISTRY, LossInputs, get_loss
 
 # The divergence references of registry I serve here too (they are shape-agnostic).
-from test_losses_reference import ref_jsd, ref_probs, ref_support
+from test_losses_reference import positions, ref_jsd, ref_mean, ref_probs, ref_support
 
 T, V, K = 8, 10, 4
 EPS = 1e-6  # tail floor of the top-k support
@@ -80,17 +80,6 @@ def make_batch(seed: int = 0, k: int = K, teacher_is_student: bool = False, spre
 
 
 # ------------------------------------------------------------------------------------ reference maths
-
-
-def positions(inp: LossInputs) -> list[tuple[int, int]]:
-    return [(b, t) for b in range(B) for t in range(T) if inp.mask[b, t].item() > 0]
-
-
-def ref_mean(keep: list[tuple[int, int]], term: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    total = torch.zeros((), dtype=F64)
-    for b, t in keep:
-        total = total + term(b, t)
-    return total / max(len(keep), 1)
 
 
 def ref_token_logp(inp: LossInputs, b: int, t: int) -> torch.Tensor:

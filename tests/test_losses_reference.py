@@ -55,7 +55,8 @@ def make_batch(seed: int = 0, k: int = K, teacher_is_student: bool = False, spre
 
 
 def positions(inp: LossInputs) -> list[tuple[int, int]]:
-    return [(b, t) for b in range(B) for t in range(T) if inp.mask[b, t].item() > 0]
+    rows, steps = inp.mask.shape
+    return [(b, t) for b in range(rows) for t in range(steps) if inp.mask[b, t].item() > 0]
 
 
 def ref_mean(keep: list[tuple[int, int]], term: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
