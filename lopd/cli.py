@@ -265,9 +265,9 @@ def toy():
               help="calc: calculator expressions for `--tool lopd.toy.calc:ENVIRONMENT --verifier lopd.toy.calc:verify`.")
 def toy_prompts(split, n, out, world):
     """Write a split of toy prompts as JSON Lines."""
-    from lopd.toy import calc, words
+    from lopd.toy.splits import toy_world
 
-    module = calc if world == "calc" else words
+    module = toy_world(world)
     click.echo(module.write_prompts_jsonl(module.make_prompts(split, n), out))
 
 

@@ -62,9 +62,9 @@ class StageRunner:
         if name not in self.prompt_cache:
             source = self.spec["prompts"][name]
             if "toy" in source:  # { toy = SPLIT, n = N, world = "words" | "calc" }
-                from lopd.toy import calc, words
+                from lopd.toy.splits import toy_world
 
-                world = {"words": words, "calc": calc}[source.get("world", "words")]
+                world = toy_world(source.get("world", "words"))
                 rows = [asdict(p) for p in world.make_prompts(source["toy"], int(source["n"]))]
             else:
                 rows = load_prompts(source["path"], source.get("prompt_field", "prompt"),
