@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from lopd.errors import LopdError
-from lopd.losses.base import LossInputs, LossSpec, upcast, vocab_logprobs
+from lopd.losses.base import LossInputs, LossSpec, upcast
+from lopd.losses.student import StudentLogprobs
 from lopd.losses.outcome import group_advantages
 from lopd.rollout_set import RolloutSet
 
@@ -75,7 +76,7 @@ def row_advantages(rollouts: RolloutSet) -> np.ndarray:
 
 def outcome_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """GRPO's outcome objective: -sum_b A_b sum_t m_bt log pi(y_bt). [B, T, V], [B, T], [B, T], [B] -> scalar."""
-    logp = vocab_logprobs(logits).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(upcast(logits), -1).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
     return -(advantages.to(logp.dtype).unsqueeze(-1) * logp * mask.to(logp.dtype)).sum()
 
 
@@ -88,10 +89,14 @@ def signal_of(spec: LossSpec, args: dict[str, Any]) -> SignalFn:
 
 
 def logit_gradient(signal: SignalFn, inputs: LossInputs) -> torch.Tensor:
-    """d signal / d logits at every position, with the logits detached from the model: [B, T, V]."""
-    z = upcast(inputs.logits.detach()).requires_grad_(True)
+    """d signal / d logits at every position, with the logits detached from the model: [B, T, V].
+
+    `inputs` must come from full logits (StudentLogprobs.from_logits): this diagnostic needs every logit.
+    """
+    z = upcast(inputs.student.logits.detach()).requires_grad_(True)
     with torch.enable_grad():
-        loss = signal(replace(inputs, logits=z))
+        student = StudentLogprobs.from_logits(z, inputs.tokens, inputs.mask, inputs.topk_ids, inputs.student.request)
+        loss = signal(replace(inputs, student=student))
         if not loss.requires_grad:
             return torch.zeros_like(z)
         (grad,) = torch.autograd.grad(loss, z, allow_unused=True)
@@ -107,7 +112,7 @@ def token_alignment(inputs: LossInputs, advantages: torch.Tensor, signal: Signal
     """
     g_sig = logit_gradient(signal, inputs)
     with torch.no_grad():
-        probs = vocab_logprobs(inputs.logits.detach().to(g_sig.dtype)).exp()
+        probs = torch.softmax(inputs.student.logits.detach().to(g_sig.dtype), dim=-1)
         tokens = inputs.tokens.long().unsqueeze(-1)
         scale = -advantages.to(g_sig.dtype).unsqueeze(-1) * inputs.mask.to(g_sig.dtype)  # [B, T]
         p_y = probs.gather(-1, tokens).squeeze(-1)
@@ -134,7 +139,9 @@ class AlignedTokenFilter:
     """`TrainConfig.token_filter = "aligned"`: multiplies each micro-batch's loss mask by (cos > 0), cos being the
     per-token alignment between the teacher signal's and the outcome's logit-space gradients (detached; no
     gradient flows through the choice). A_GRPO comes from the whole rollout set (`row_advantages`), so groups
-    split across micro-batches still get their true advantage."""
+    split across micro-batches still get their true advantage. The per-token gradients need the full logits, so
+    the trainer hands this filter inputs built from detached [B, T, V] logits: unlike the losses, the filter
+    materialises them (no grad), which limits it to modest vocabularies x lengths."""
 
     advantages: np.ndarray  # A_GRPO per dataset row
     signal: SignalFn
@@ -143,7 +150,7 @@ class AlignedTokenFilter:
         if rows is None:
             raise LopdError("--token-filter aligned needs batches from a rollout or score set (rows with rewards), "
                             "not live-sampled batches")
-        advantages = torch.as_tensor(self.advantages[rows.cpu().numpy()], device=inputs.logits.device)
+        advantages = torch.as_tensor(self.advantages[rows.cpu().numpy()], device=inputs.mask.device)
         cos = token_alignment(inputs, advantages, self.signal)
         keep = aligned_mask(cos, inputs.mask)
         total = inputs.mask.sum().clamp_min(1.0)
@@ -272,9 +279,9 @@ def diagnose_alignment(student: str, cache, *, signal: str = "rkl_topk", signal_
         batch = collate([dataset[row]], pad_id=pad_id)
         advantage = torch.tensor([advantages[row]], dtype=torch.float32)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        inputs = batch.loss_inputs(logits)
+        inputs = batch.loss_inputs_from_logits(logits, spec.student_request(args))
         grads = []
-        for loss in (signal_fn(inputs), outcome_loss(inputs.logits, inputs.tokens, inputs.mask, advantage)):
+        for loss in (signal_fn(inputs), outcome_loss(inputs.student.logits, inputs.tokens, inputs.mask, advantage)):
             parts = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             grads.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                     for g, p in zip(parts, params)]))

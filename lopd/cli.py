@@ -21,6 +21,38 @@ def emit(obj) -> None:
     click.echo(json.dumps(obj, indent=1, default=str))
 
 
+def train_config_options(command):
+    """One option per TrainConfig field, typed and range-checked from the field's metadata (lopd.train.config):
+    `lopd train` and pipeline train stages accept exactly the same settings, validated the same way."""
+    from dataclasses import MISSING, fields
+    from typing import get_args, get_type_hints
+
+    from lopd.train.config import TrainConfig
+
+    hints = get_type_hints(TrainConfig)
+    for f in reversed(fields(TrainConfig)):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        kind = hints[f.name]
+        inner = [t for t in get_args(kind) if t is not type(None)]
+        base = inner[0] if inner and kind is not tuple and getattr(kind, "__origin__", None) is not tuple else kind
+        kwargs: dict = {"default": None if f.default is MISSING else f.default, "help": meta["help"], "show_default": True}
+        if base is bool:
+            kwargs.update(is_flag=True)
+        elif meta["choices"]:
+            kwargs.update(type=click.Choice(meta["choices"]))
+        else:
+            scalar = get_args(base)[0] if getattr(base, "__origin__", None) is tuple else base
+            ranged = {"min": meta["low"], "max": meta["high"], "min_open": meta["low_open"]}
+            bounded = scalar in (int, float) and (meta["low"] is not None or meta["high"] is not None)
+            kwargs.update(type={int: click.IntRange, float: click.FloatRange}[scalar](**ranged) if bounded else scalar)
+            if scalar is not base:
+                kwargs.update(nargs=len(get_args(base)))
+        command = click.option(f"--{f.name.replace('_', '-')}", f.name, **kwargs)(command)
+    return command
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -160,17 +192,6 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
 @click.option("--loss", default="lightning", show_default=True, help="Registered loss; see `lopd losses`.")
 @click.option("--loss-arg", "loss_args", multiple=True, help="Loss hyperparameter key=value (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory.")
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--batch-size", default=64, show_default=True, help="Sequences per optimizer step (global).")
-@click.option("--micro-batch-size", default=None, type=int)
-@click.option("--steps", default=None, type=int, help="Optimizer steps (default: --epochs passes).")
-@click.option("--epochs", default=1.0, show_default=True)
-@click.option("--warmup-steps", default=0, show_default=True)
-@click.option("--zero-stage", default=2, show_default=True, type=click.IntRange(0, 3))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--allow-teacher-mismatch", is_flag=True, help="Train OPD from a teacher other than the SFT data's teacher.")
-@click.option("--allow-lineage-mismatch", is_flag=True,
-              help="Train on a cache whose rollouts another model generated (off-policy).")
 @click.option("--refresh", "refresh_args", multiple=True,
               help="Cache refresh policy key=value (repeatable): kl=0.05, weight_out_of_band=0.2, band=0.2, "
                    "check_every=25, every_step=true. Needs --teacher.")
@@ -179,16 +200,11 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
               help="Score set of the same rollouts by the base/reference model (G-OPD's pi_base: exopd).")
 @click.option("--contrast", "contrast_ref", default=None,
               help="Score set of the same rollouts under the incorrect-hint context (RLCSD's contrast: rlcsd).")
-@click.option("--token-filter", default="none", show_default=True, type=click.Choice(["none", "aligned"]),
-              help="aligned: train only on tokens whose teacher-signal gradient is positively aligned with the GRPO "
-                   "outcome gradient (needs rewards and --n > 1 rollouts; see `lopd diagnose alignment`).")
-@click.option("--token-filter-signal", default="",
-              help="Loss whose gradient is the teacher signal for --token-filter (default: the training loss).")
+@train_config_options
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size, micro_batch_size, steps, epochs,
-          warmup_steps, zero_stage, seed, allow_teacher_mismatch, allow_lineage_mismatch, refresh_args, teacher,
-          base_ref, contrast_ref, token_filter, token_filter_signal, experiment, root):
+def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, teacher, base_ref, contrast_ref,
+          experiment, root, **options):
     """Train a student with DeepSpeed from a cache (or rollout set, for SFT)."""
     from lopd.cache.reader import open_cache
     from lopd.losses import get_loss
@@ -202,11 +218,7 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
     source = (open_cache(find_artifact(cache_ref, root, "scores")) if cache_ref
               else RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts")))
     refresh = parse_refresh(refresh_args)
-    config = TrainConfig(loss=loss, loss_args=parse_pairs(loss_args, "--loss-arg"), lr=lr, batch_size=batch_size,
-                         micro_batch_size=micro_batch_size, steps=steps, epochs=epochs, warmup_steps=warmup_steps,
-                         zero_stage=zero_stage, seed=seed, allow_teacher_mismatch=allow_teacher_mismatch,
-                         allow_lineage_mismatch=allow_lineage_mismatch, refresh=refresh, token_filter=token_filter,
-                         token_filter_signal=token_filter_signal)
+    config = TrainConfig(loss=loss, loss_args=parse_pairs(loss_args, "--loss-arg"), refresh=refresh, **options)
     context = None
     if refresh:
         if not teacher:

@@ -18,10 +18,12 @@ SUMS = ("tokens", "weight", "weight_sq", "k3", "out_of_band", "teacher_mass", "o
 
 @torch.no_grad()
 def token_drift(inputs: LossInputs, band: float) -> dict[str, torch.Tensor]:
-    """Per-sequence sums ([B] tensors) of the drift statistics over masked tokens."""
+    """Per-sequence sums ([B] tensors) of the drift statistics over masked tokens.
+
+    Reads the student's log-probs at temperature 1, and its own top-k ids when the cache has a top-k.
+    """
     mask = inputs.mask
-    logp_all = torch.log_softmax(inputs.logits.detach().float(), dim=-1)
-    logp = logp_all.gather(-1, inputs.tokens.unsqueeze(-1)).squeeze(-1)
+    logp = inputs.student.token_logprobs().detach()
     out = {"tokens": mask.sum(-1)}
     if inputs.behaviour_logprobs is not None:
         log_ratio = (logp - inputs.behaviour_logprobs) * mask
@@ -31,10 +33,10 @@ def token_drift(inputs: LossInputs, band: float) -> dict[str, torch.Tensor]:
         out["k3"] = (((weight - 1) - log_ratio) * mask).sum(-1)  # Schulman's k3 estimator of KL(behaviour || student)
         out["out_of_band"] = (((weight - 1).abs() > band).float() * mask).sum(-1)
     if inputs.topk_ids is not None:
-        k = inputs.topk_ids.shape[-1]
         ids = inputs.topk_ids.long()
-        out["teacher_mass"] = (logp_all.gather(-1, ids).exp().sum(-1) * mask).sum(-1)  # student mass on teacher top-k
-        student_top = logp_all.topk(k, dim=-1).indices
+        student_mass = inputs.student.topk_logprobs().detach().exp().sum(-1)  # student mass on the teacher top-k
+        out["teacher_mass"] = (student_mass * mask).sum(-1)
+        student_top = inputs.student.own_topk  # the student's own top-k ids (StudentRequest.topk_overlap = K)
         overlap = (student_top.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1).float().mean(-1)
         out["overlap"] = (overlap * mask).sum(-1)
         out["topk_tokens"] = mask.sum(-1)

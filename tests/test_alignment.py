@@ -28,6 +28,7 @@ from lopd.cache.score_set import ScoreSetWriter
 from lopd.errors import LopdError
 from lopd.losses import get_loss
 from lopd.losses.base import LossInputs
+from lopd.losses.student import StudentLogprobs
 from lopd.rollout_set import write_rollout_set
 from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR
 
@@ -47,7 +48,7 @@ def random_inputs(seed: int = 0, B: int = 3, T: int = 5, V: int = 11, K: int = 4
     mask[1, 3:] = 0
     teacher = (2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)).log_softmax(-1)
     top = teacher.topk(K, dim=-1)
-    return LossInputs(logits=logits, tokens=tokens, mask=mask,
+    return LossInputs(student=StudentLogprobs.from_logits(logits, tokens, mask, top.indices), tokens=tokens, mask=mask,
                       teacher_logprobs=teacher.gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
                       behaviour_logprobs=logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
                       topk_ids=top.indices, topk_logprobs=top.values,
@@ -65,9 +66,10 @@ def reference_alignment(inputs: LossInputs, advantages: torch.Tensor, fn) -> tor
                 continue
             only = torch.zeros_like(inputs.mask)
             only[b, t] = 1
-            z = inputs.logits.detach().clone().requires_grad_(True)
-            (g_sig,) = torch.autograd.grad(fn(replace(inputs, logits=z, mask=only)), z)
-            z = inputs.logits.detach().clone().requires_grad_(True)
+            z = inputs.student.logits.detach().clone().requires_grad_(True)
+            student = StudentLogprobs.from_logits(z, inputs.tokens, only, inputs.topk_ids, inputs.student.request)
+            (g_sig,) = torch.autograd.grad(fn(replace(inputs, student=student, mask=only)), z)
+            z = inputs.student.logits.detach().clone().requires_grad_(True)
             term = -advantages[b] * z[b, t].log_softmax(-1)[inputs.tokens[b, t]]
             (g_out,) = torch.autograd.grad(term, z)
             if g_sig[b, t].norm() > 1e-12 and g_out[b, t].norm() > 1e-12:
@@ -93,17 +95,17 @@ def test_cosine_is_plus_one_along_the_outcome_gradient_and_minus_one_against_it(
     advantages = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
     live = inputs.mask > 0
     # A teacher signal that is exactly the outcome objective (scaled) points along its gradient ...
-    along = token_alignment(inputs, advantages, lambda i: 3.0 * outcome_loss(i.logits, i.tokens, i.mask, advantages))
+    along = token_alignment(inputs, advantages, lambda i: 3.0 * outcome_loss(i.student.logits, i.tokens, i.mask, advantages))
     torch.testing.assert_close(along[live], torch.ones_like(along[live]), atol=1e-9, rtol=0)
     # ... and one that ascends it, against.
-    against = token_alignment(inputs, advantages, lambda i: -outcome_loss(i.logits, i.tokens, i.mask, advantages))
+    against = token_alignment(inputs, advantages, lambda i: -outcome_loss(i.student.logits, i.tokens, i.mask, advantages))
     torch.testing.assert_close(against[live], -torch.ones_like(against[live]), atol=1e-9, rtol=0)
     # Registered losses: SFT (imitate every token) agrees with success and opposes failure, token by token.
     sft = token_alignment(inputs, advantages, signal("sft"))
     expected = torch.sign(advantages).unsqueeze(-1).expand_as(sft)
     torch.testing.assert_close(sft[live], expected[live], atol=1e-9, rtol=0)
     # Lightning's per-token signal is parallel to the outcome gradient: cos = sign(D_t) sign(A).
-    student = inputs.logits.log_softmax(-1).gather(-1, inputs.tokens.unsqueeze(-1)).squeeze(-1)
+    student = inputs.student.logits.log_softmax(-1).gather(-1, inputs.tokens.unsqueeze(-1)).squeeze(-1)
     lightning = token_alignment(inputs, advantages, signal("lightning"))
     expected = torch.sign(inputs.teacher_logprobs - student) * torch.sign(advantages).unsqueeze(-1)
     torch.testing.assert_close(lightning[live], expected[live], atol=1e-9, rtol=0)
@@ -130,7 +132,7 @@ def test_filter_keeps_exactly_the_positively_aligned_tokens():
     assert filtered.mask[2].sum() == inputs.mask[2].sum()
     assert metrics["filter_kept"] == pytest.approx((expected.sum() / inputs.mask.sum()).item())
     assert metrics["filter_defined"] == pytest.approx((inputs.mask[:2].sum() / inputs.mask.sum()).item())
-    assert torch.equal(filtered.logits, inputs.logits) and torch.equal(filtered.tokens, inputs.tokens)
+    assert torch.equal(filtered.student.logits, inputs.student.logits) and torch.equal(filtered.tokens, inputs.tokens)
     # aligned_mask alone: cos > 0 kept, cos <= 0 dropped, NaN kept, masked stays masked.
     cos = torch.tensor([[0.5, -0.5, 0.0, float("nan"), 0.2]])
     assert aligned_mask(cos, torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])).tolist() == [[1.0, 0.0, 0.0, 1.0, 0.0]]

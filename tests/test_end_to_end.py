@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from lopd.cache import open_cache
 from lopd.losses import get_loss
+from lopd.losses.student import StudentRequest
 from lopd.rollout import SamplingConfig, rollout
 from lopd.score import ScoreConfig, score
 from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR, words
@@ -107,8 +108,9 @@ def lightning_advantages(model_dir: str, cache) -> tuple[torch.Tensor, torch.Ten
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     batch = collate([SequenceDataset(cache)[i] for i in range(len(cache))], pad_id=0)
     with torch.no_grad():
-        inputs = batch.loss_inputs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
-    student = inputs.logits.log_softmax(-1).gather(-1, inputs.tokens[..., None]).squeeze(-1)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        inputs = batch.loss_inputs_from_logits(logits, StudentRequest())
+    student = inputs.student.token_logprobs()
     return (inputs.teacher_logprobs - student) * inputs.mask, inputs.mask
 
 

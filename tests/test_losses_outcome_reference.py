@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from lopd.losses import REGISTRY, LossInputs, get_loss
+from lopd.losses.student import StudentLogprobs
 
 # The divergence references of registry I serve here too (they are shape-agnostic).
-from test_losses_reference import positions, ref_jsd, ref_mean, ref_probs, ref_support
+from test_losses_reference import for_request, positions, ref_jsd, ref_mean, ref_probs, ref_support
 
 T, V, K = 8, 10, 4
 EPS = 1e-6  # tail floor of the top-k support
@@ -65,7 +66,7 @@ def make_batch(seed: int = 0, k: int = K, teacher_is_student: bool = False, spre
     rubric = torch.rand(B, generator=g, dtype=F64)
     rubric[GROUP_IDS.index(EQUAL_GROUP)] = rubric[len(GROUP_IDS) - 1 - GROUP_IDS[::-1].index(EQUAL_GROUP)]
     return LossInputs(
-        logits=logits.requires_grad_(True),
+        student=StudentLogprobs.from_logits(logits.requires_grad_(True), tokens, torch.ones_like(tokens), topk_ids),
         tokens=tokens,
         mask=torch.tensor(MASKS, dtype=F64),
         behaviour_logprobs=student_token + 0.5 * torch.randn(B, T, generator=g, dtype=F64),
@@ -83,7 +84,7 @@ def make_batch(seed: int = 0, k: int = K, teacher_is_student: bool = False, spre
 
 
 def ref_token_logp(inp: LossInputs, b: int, t: int) -> torch.Tensor:
-    return torch.log(ref_probs(inp.logits[b, t])[int(inp.tokens[b, t])])
+    return torch.log(ref_probs(inp.student.logits[b, t])[int(inp.tokens[b, t])])
 
 
 def gap(inp: LossInputs, b: int, t: int) -> float:
@@ -341,8 +342,9 @@ def case_id(name: str, overrides: dict) -> str:
 def run_loss(name: str, overrides: dict, inp: LossInputs):
     spec = get_loss(name)
     spec.check_inputs(inp.available())
-    out = spec.fn(inp, **spec.resolve_args(overrides))
-    (grad,) = torch.autograd.grad(out.loss, inp.logits)
+    args = spec.resolve_args(overrides)
+    out = spec.fn(for_request(inp, spec.student_request(args)), **args)
+    (grad,) = torch.autograd.grad(out.loss, inp.student.logits)
     return out, grad
 
 
@@ -350,9 +352,9 @@ def run_reference(name: str, overrides: dict, inp: LossInputs):
     args = get_loss(name).resolve_args(overrides)
     value = REFERENCES[name](inp, **args)
     if not value.requires_grad:
-        return value, torch.zeros_like(inp.logits)
-    (grad,) = torch.autograd.grad(value, inp.logits, allow_unused=True)
-    return value, torch.zeros_like(inp.logits) if grad is None else grad
+        return value, torch.zeros_like(inp.student.logits)
+    (grad,) = torch.autograd.grad(value, inp.student.logits, allow_unused=True)
+    return value, torch.zeros_like(inp.student.logits) if grad is None else grad
 
 
 def test_every_outcome_loss_has_a_reference_case():

@@ -8,12 +8,14 @@ w.r.t. the logits must agree with the vectorised losses in float64.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import pytest
 import torch
 
 from lopd.losses import REGISTRY, LossInputs, get_loss
+from lopd.losses.student import StudentLogprobs, StudentRequest
 
 B, T, V, K = 2, 5, 10, 4
 EPS = 1e-6
@@ -40,7 +42,7 @@ def make_batch(seed: int = 0, k: int = K, teacher_is_student: bool = False, spre
     topk_logprobs, topk_ids = teacher_full.topk(k, dim=-1)
     student_token = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return LossInputs(
-        logits=logits.requires_grad_(True),
+        student=StudentLogprobs.from_logits(logits.requires_grad_(True), tokens, torch.ones_like(tokens), topk_ids),
         tokens=tokens,
         mask=mask,
         behaviour_logprobs=student_token + 0.5 * torch.randn(B, T, generator=g, dtype=F64),
@@ -49,6 +51,12 @@ def make_batch(seed: int = 0, k: int = K, teacher_is_student: bool = False, spre
         topk_logprobs=topk_logprobs,
         base_logprobs=student_token + torch.randn(B, T, generator=g, dtype=F64),
     )
+
+
+def for_request(inp: LossInputs, request: StudentRequest) -> LossInputs:
+    """`inp` with the student quantities a loss declared (temperature, entropy), from the same logits."""
+    student = StudentLogprobs.from_logits(inp.student.logits, inp.tokens, inp.mask, inp.topk_ids, request)
+    return replace(inp, student=student)
 
 
 # ------------------------------------------------------------------------------------ reference maths
@@ -74,11 +82,11 @@ def ref_probs(z: torch.Tensor, temperature: float = 1.0) -> list[torch.Tensor]:
 
 
 def ref_token_logp(inp: LossInputs, b: int, t: int) -> torch.Tensor:
-    return torch.log(ref_probs(inp.logits[b, t])[int(inp.tokens[b, t])])
+    return torch.log(ref_probs(inp.student.logits[b, t])[int(inp.tokens[b, t])])
 
 
 def ref_entropy(inp: LossInputs, b: int, t: int) -> float:
-    return -sum(p.item() * math.log(p.item()) for p in ref_probs(inp.logits[b, t]))
+    return -sum(p.item() * math.log(p.item()) for p in ref_probs(inp.student.logits[b, t]))
 
 
 def ref_tail(masses: list[torch.Tensor]) -> torch.Tensor:
@@ -89,7 +97,7 @@ def ref_tail(masses: list[torch.Tensor]) -> torch.Tensor:
 def ref_support(inp: LossInputs, b: int, t: int, tail: bool = False, temperature: float = 1.0):
     """(student, teacher) probability lists on the teacher top-k: renormalised, or raw plus a tail bucket."""
     ids = [int(i) for i in inp.topk_ids[b, t]]
-    student_full = ref_probs(inp.logits[b, t], temperature)
+    student_full = ref_probs(inp.student.logits[b, t], temperature)
     student = [student_full[v] for v in ids]
     teacher = [torch.exp(inp.topk_logprobs[b, t, j] / temperature) for j in range(len(ids))]
     if tail:
@@ -328,8 +336,9 @@ def case_id(name: str, overrides: dict) -> str:
 
 def run_loss(name: str, overrides: dict, inp: LossInputs):
     spec = get_loss(name)
-    out = spec.fn(inp, **spec.resolve_args(overrides))
-    (grad,) = torch.autograd.grad(out.loss, inp.logits)
+    args = spec.resolve_args(overrides)
+    out = spec.fn(for_request(inp, spec.student_request(args)), **args)
+    (grad,) = torch.autograd.grad(out.loss, inp.student.logits)
     return out, grad
 
 
@@ -337,9 +346,9 @@ def run_reference(name: str, overrides: dict, inp: LossInputs):
     args = get_loss(name).resolve_args(overrides)
     value = REFERENCES[name](inp, **args)
     if not value.requires_grad:  # every kept token clipped: the reference is a constant
-        return value, torch.zeros_like(inp.logits)
-    (grad,) = torch.autograd.grad(value, inp.logits, allow_unused=True)
-    return value, torch.zeros_like(inp.logits) if grad is None else grad
+        return value, torch.zeros_like(inp.student.logits)
+    (grad,) = torch.autograd.grad(value, inp.student.logits, allow_unused=True)
+    return value, torch.zeros_like(inp.student.logits) if grad is None else grad
 
 
 def test_every_registered_loss_has_a_reference_case():

@@ -7,6 +7,8 @@ import torch
 from lopd.errors import LopdError
 from lopd.losses import REGISTRY, LossInputs, describe_losses, get_loss
 from lopd.losses.base import FIELD_SOURCES
+from lopd.losses.student import StudentLogprobs
+from test_losses_reference import for_request
 
 EXPECTED = {
     "sft", "lightning", "rkl_topk", "opd_is", "gkd", "fkl_topk", "fkl_topk_tail", "skew_kl", "skew_rkl",
@@ -16,14 +18,12 @@ EXPECTED = {
 
 
 def bare_inputs(**fields: torch.Tensor) -> LossInputs:
-    """A 1 x 3 x 5 batch with only the fields given (logits, tokens and mask always present)."""
+    """A 1 x 3 x 5 batch with only the fields given (student log-probs, tokens and mask always present)."""
     g = torch.Generator().manual_seed(0)
-    return LossInputs(
-        logits=torch.randn(1, 3, 5, generator=g, requires_grad=True),
-        tokens=torch.tensor([[0, 2, 4]]),
-        mask=torch.ones(1, 3),
-        **fields,
-    )
+    tokens, mask = torch.tensor([[0, 2, 4]]), torch.ones(1, 3)
+    logits = torch.randn(1, 3, 5, generator=g, requires_grad=True)
+    student = StudentLogprobs.from_logits(logits, tokens, mask, fields.get("topk_ids"))
+    return LossInputs(student=student, tokens=tokens, mask=mask, **fields)
 
 
 def test_registry_has_every_loss():
@@ -48,7 +48,7 @@ def test_describe_losses_lists_every_loss_with_a_summary():
 def test_missing_declared_field_is_named(name: str):
     spec = get_loss(name)
     for need in spec.needs:
-        have = {"logits", "tokens", "mask", *FIELD_SOURCES} - {need}
+        have = {"tokens", "mask", *FIELD_SOURCES} - {need}
         with pytest.raises(LopdError, match=f"needs '{need}'") as err:
             spec.check_inputs(have)
         assert FIELD_SOURCES[need] in str(err.value) and "\n" not in str(err.value)
@@ -94,20 +94,22 @@ def test_bad_knob_values_raise_lopd_errors(name: str, overrides: dict, message: 
         topk_logprobs=torch.full((1, 3, 2), -1.0),
     )
     spec = get_loss(name)
+    args = spec.resolve_args(overrides)
     with pytest.raises(LopdError, match=message):
-        spec.fn(inp, **spec.resolve_args(overrides))
+        spec.fn(for_request(inp, spec.student_request(args)), **args)
 
 
 def test_bf16_logits_are_upcast_and_padding_minus_inf_stays_finite():
     """Mixed-precision logits and a -inf teacher entry (padding) must not give NaN losses or grads."""
     logits = torch.randn(1, 3, 5).to(torch.bfloat16).requires_grad_(True)
     topk_logprobs = torch.tensor([[[-0.5, -1.5], [-0.2, float("-inf")], [-1.0, -1.0]]])
-    inp = LossInputs(
-        logits=logits, tokens=torch.tensor([[0, 2, 4]]), mask=torch.tensor([[1.0, 1.0, 0.0]]),
-        topk_ids=torch.tensor([[[0, 1], [2, 3], [4, 0]]]), topk_logprobs=topk_logprobs,
-    )
+    tokens, mask, topk_ids = torch.tensor([[0, 2, 4]]), torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[[0, 1], [2, 3], [4, 0]]])
     names = ("rkl_topk", "fkl_topk", "fkl_topk_tail", "gkd", "skew_kl", "skew_rkl", "entropy_aware", "opsd", "sdpo")
     for name in names:
+        inp = LossInputs(
+            student=StudentLogprobs.from_logits(logits, tokens, mask, topk_ids), tokens=tokens, mask=mask,
+            topk_ids=topk_ids, topk_logprobs=topk_logprobs,
+        )
         spec = get_loss(name)
         out = spec.fn(inp, **spec.resolve_args({}))
         (grad,) = torch.autograd.grad(out.loss, logits)
@@ -129,10 +131,11 @@ def test_outcome_losses_accept_float32_rewards_with_float32_logits(name: str):
     """Rewards arrive as float32 and group ids as int64 from the DataLoader; nothing may promote or fail."""
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 3, 5, generator=g, requires_grad=True)
+    tokens, mask, topk_ids = torch.randint(0, 5, (4, 3), generator=g), torch.tensor([[1.0, 0.0, 1.0]] * 4), torch.tensor([[[0, 1]] * 3] * 4)
     inp = LossInputs(
-        logits=logits, tokens=torch.randint(0, 5, (4, 3), generator=g), mask=torch.tensor([[1.0, 0.0, 1.0]] * 4),
+        student=StudentLogprobs.from_logits(logits, tokens, mask, topk_ids), tokens=tokens, mask=mask,
         behaviour_logprobs=torch.full((4, 3), -1.5), teacher_logprobs=torch.full((4, 3), -1.0),
-        contrast_logprobs=torch.full((4, 3), -2.0), topk_ids=torch.tensor([[[0, 1]] * 3] * 4),
+        contrast_logprobs=torch.full((4, 3), -2.0), topk_ids=topk_ids,
         topk_logprobs=torch.full((4, 3, 2), -1.0), rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]),
         rubric_rewards=torch.tensor([0.3, 0.9, 0.5, 0.5]), group_ids=torch.tensor([7, 7, 3, 3]),
     )

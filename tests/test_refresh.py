@@ -10,6 +10,7 @@ import torch
 from lopd.cache import open_cache
 from lopd.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
 from lopd.losses.base import LossInputs
+from lopd.losses.student import StudentLogprobs, StudentRequest
 from lopd.refresh import RefreshContext
 from lopd.rollout import SamplingConfig, rollout
 from lopd.rollout_set import write_rollout_set
@@ -45,7 +46,8 @@ def test_token_drift_is_zero_on_policy():
     tokens = torch.randint(0, 8, (2, 3))
     behaviour = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
     topk = torch.log_softmax(logits, -1).topk(4, -1)
-    inputs = LossInputs(logits=logits, tokens=tokens, mask=torch.ones(2, 3), behaviour_logprobs=behaviour,
+    student = StudentLogprobs.from_logits(logits, tokens, torch.ones(2, 3), topk.indices, StudentRequest(topk_overlap=4))
+    inputs = LossInputs(student=student, tokens=tokens, mask=torch.ones(2, 3), behaviour_logprobs=behaviour,
                         topk_ids=topk.indices, topk_logprobs=topk.values)
     stats = DriftStats()
     stats.add(token_drift(inputs, band=0.2))

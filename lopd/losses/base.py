@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from lopd.errors import LopdError
+from lopd.losses.student import StudentLogprobs, StudentRequest
 
 # Which stage option produces each optional input, so a loss that lacks one can say how to get it.
 FIELD_SOURCES: dict[str, str] = {
@@ -30,13 +31,14 @@ FIELD_SOURCES: dict[str, str] = {
 
 @dataclass
 class LossInputs:
-    """One batch, every tensor aligned to response positions: [B, T] (or [B, T, K] / [B, T, V]).
+    """One batch, every tensor aligned to response positions: [B, T] (or [B, T, K]).
 
-    `logits[b, t]` are the student's logits predicting `tokens[b, t]`; `mask` is 1 where the student
+    `student` holds the student's log-probs predicting `tokens[b, t]` and at the teacher's top-k ids
+    (lopd.losses.student: gathered chunk by chunk, no [B, T, V] tensor); `mask` is 1 where the student
     generated the token (0 on padding, prompt and tool observations).
     """
 
-    logits: torch.Tensor
+    student: StudentLogprobs
     tokens: torch.Tensor
     mask: torch.Tensor
     behaviour_logprobs: torch.Tensor | None = None
@@ -51,7 +53,7 @@ class LossInputs:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def available(self) -> set[str]:
-        have = {f.name for f in fields(self) if f.name != "extras" and getattr(self, f.name) is not None}
+        have = {f.name for f in fields(self) if f.name not in ("extras", "student") and getattr(self, f.name) is not None}
         if self.topk_ids is not None and self.topk_logprobs is not None:
             have.add("topk")
         return have | set(self.extras)
@@ -66,6 +68,10 @@ class LossOutput:
 LossFn = Callable[..., LossOutput]
 
 
+StudentPlan = Callable[[dict[str, Any]], StudentRequest]
+"""What a loss reads from the student, given its resolved arguments (temperature, entropy)."""
+
+
 @dataclass(frozen=True)
 class LossSpec:
     name: str
@@ -74,6 +80,11 @@ class LossSpec:
     needs: tuple[str, ...]
     defaults: dict[str, Any]
     summary: str
+    student: StudentPlan = lambda args: StudentRequest()
+
+    def student_request(self, args: dict[str, Any]) -> StudentRequest:
+        """The student quantities the chunked pass must gather for this loss with these arguments."""
+        return self.student(args)
 
     def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(overrides) - set(self.defaults))
@@ -126,14 +137,20 @@ def require_fields(loss: str, needs: tuple[str, ...] | list[str], available: set
 REGISTRY: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, paper: str, needs: tuple[str, ...] = (), **defaults: Any) -> Callable[[LossFn], LossFn]:
-    """Register `fn(inputs: LossInputs, **hyperparameters) -> LossOutput` under `name`."""
+def register_loss(name: str, *, paper: str, needs: tuple[str, ...] = (), student: StudentPlan | None = None,
+                  **defaults: Any) -> Callable[[LossFn], LossFn]:
+    """Register `fn(inputs: LossInputs, **hyperparameters) -> LossOutput` under `name`.
+
+    `student` maps the resolved arguments to the StudentRequest the loss reads (a temperature other than 1,
+    the student's entropy); by default the loss reads log-probs at temperature 1 only.
+    """
 
     def wrap(fn: LossFn) -> LossFn:
         if name in REGISTRY:
             raise ValueError(f"loss {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        REGISTRY[name] = LossSpec(name, fn, paper, tuple(needs), dict(defaults), summary)
+        plan = {"student": student} if student is not None else {}
+        REGISTRY[name] = LossSpec(name, fn, paper, tuple(needs), dict(defaults), summary, **plan)
         return fn
 
     return wrap
@@ -167,33 +184,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
-    """At least float32: bf16/fp16 log-softmax loses too much, while float64 (tests) is kept as is."""
+    """At least float32: bf16/fp16 log-probs lose too much, while float64 (tests) is kept as is."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def vocab_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Full-vocabulary log-softmax of `logits / temperature` in at least float32: [B, T, V]."""
-    logits = upcast(logits)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log pi(tokens) under `logits`, computed in at least float32: [B, T, V], [B, T] -> [B, T]."""
-    return vocab_logprobs(logits).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-
-
-def entropy(logprobs: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy -sum p log p over the last dim of a normalised log-prob tensor (0 log 0 = 0)."""
-    probs = logprobs.exp()
-    return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
-
-
-@torch.no_grad()
-def student_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the student over the full vocabulary, [B, T], without grad: used only to pick tokens."""
-    return entropy(vocab_logprobs(logits))
 
 
 def keep_top_fraction(scores: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -11,17 +11,16 @@ from lopd.losses.base import (
     masked_mean,
     register_loss,
     require_fields,
-    student_entropy,
-    token_logprobs,
 )
 from lopd.losses import policy_gradient as pg
+from lopd.losses.student import StudentRequest
 from lopd.losses.topk import reverse_kl, topk_loss
 
 
 @register_loss("sft", paper="supervised fine-tuning (negative log-likelihood)")
 def sft(inp: LossInputs) -> LossOutput:
     """Negative log-likelihood of the cached tokens: the SFT stage on teacher-generated rollouts."""
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     loss = -masked_mean(logp, inp.mask)
     return LossOutput(loss, {"nll": loss.item()})
 
@@ -51,7 +50,7 @@ def lightning(
     (and implies the ratio). Both need the cached behaviour log-probs q. baseline="batch_mean" subtracts
     the masked batch-mean of the (clipped) advantage.
     """
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     advantage = pg.apply_baseline(pg.opd_advantage(inp.teacher_logprobs, logp, clip), inp.mask, baseline)
     metrics = {"advantage": masked_mean(advantage, inp.mask).item()}
     if not (importance_ratio or ppo_clip > 0):
@@ -93,6 +92,7 @@ def mask_special_tokens(tokens: torch.Tensor, mask: torch.Tensor, special_token_
     special_token_ids="",
     entropy_top_ratio=1.0,
     tail=False,
+    student=lambda args: StudentRequest(entropy=args["entropy_top_ratio"] < 1.0),
 )
 def rkl_topk(
     inp: LossInputs, special_token_ids: str = "", entropy_top_ratio: float = 1.0, tail: bool = False
@@ -111,6 +111,6 @@ def rkl_topk(
     """
     mask = mask_special_tokens(inp.tokens, inp.mask, special_token_ids)
     if entropy_top_ratio < 1.0:
-        mask = keep_top_fraction(student_entropy(inp.logits), mask, entropy_top_ratio)
+        mask = keep_top_fraction(inp.student.entropies(), mask, entropy_top_ratio)
     narrowed = mask if (special_token_ids or entropy_top_ratio < 1.0) else None
     return topk_loss(inp, reverse_kl, metric="rkl", tail=tail, mask=narrowed)

@@ -12,6 +12,7 @@ import torch
 
 from lopd.losses.base import LossInputs, LossOutput, masked_mean, register_loss
 from lopd.losses.distill import rkl_topk
+from lopd.losses.student import StudentRequest
 from lopd.losses.topk import (
     forward_kl,
     generalized_jsd,
@@ -25,7 +26,8 @@ from lopd.losses.topk import (
 )
 
 
-@register_loss("gkd", paper="arXiv 2306.13649", needs=("topk",), beta=0.5, temperature=1.0)
+@register_loss("gkd", paper="arXiv 2306.13649", needs=("topk",), beta=0.5, temperature=1.0,
+               student=lambda args: StudentRequest(temperature=args["temperature"]))
 def gkd(inp: LossInputs, beta: float, temperature: float) -> LossOutput:
     """GKD: generalised JSD_beta between teacher and student over the teacher top-k, renormalised.
 
@@ -95,7 +97,7 @@ def entropy_aware(inp: LossInputs, h_max: float, tail: bool) -> LossOutput:
     cached top-k plus the missing mass as one bucket; h_max <= 0 means log(V). Both KLs are on the
     renormalised top-k support, or with the tail bucket when tail=True.
     """
-    h_max = h_max if h_max > 0 else math.log(inp.logits.shape[-1])
+    h_max = h_max if h_max > 0 else math.log(inp.student.vocab_size)
     weight = (topk_tail_entropy(teacher_topk_logprobs(inp)) / h_max).clamp(0.0, 1.0)
     student, teacher = topk_support(inp, tail=tail)
     per_token = reverse_kl(student, teacher) + weight * forward_kl(student, teacher)
@@ -103,7 +105,8 @@ def entropy_aware(inp: LossInputs, h_max: float, tail: bool) -> LossOutput:
     return LossOutput(loss, {"eopd": loss.item(), "fkl_weight": masked_mean(weight, inp.mask).item()})
 
 
-@register_loss("tip", paper="arXiv 2604.14084", needs=("topk",), ratio=0.5)
+@register_loss("tip", paper="arXiv 2604.14084", needs=("topk",), ratio=0.5,
+               student=lambda args: StudentRequest(entropy=True))
 def tip(inp: LossInputs, ratio: float) -> LossOutput:
     """TIP: reverse KL over the teacher top-k, trained only on the `ratio` highest student-entropy tokens.
 

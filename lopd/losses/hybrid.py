@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from lopd.losses.base import LossInputs, LossOutput, masked_mean, register_loss, token_logprobs
+from lopd.losses.base import LossInputs, LossOutput, masked_mean, register_loss
 from lopd.losses.policy_gradient import opd_advantage
 from lopd.losses.topk import Divergence, forward_kl, named_divergence, topk_support
 
@@ -47,7 +47,7 @@ def tropd(inp: LossInputs, threshold: float, clip: float, tail: bool) -> LossOut
     a tail bucket when tail=True). The paper's threshold is adaptive; the fixed threshold 0.1 and the
     top-k handling are UNCONFIRMED.
     """
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     gap = inp.teacher_logprobs - logp.detach()
     trust = gap.clamp(max=0.0).exp()
     return routed_loss(inp, logp, opd_advantage(inp.teacher_logprobs, logp, clip), trust >= threshold, forward_kl, tail)
@@ -71,6 +71,6 @@ def aopd(inp: LossInputs, negative_divergence: str, clip: float, tail: bool) -> 
     renormalised or with a tail bucket (tail=True). The paper's exact divergence is UNCONFIRMED.
     """
     divergence = named_divergence("aopd", "negative_divergence", negative_divergence)
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     advantage = opd_advantage(inp.teacher_logprobs, logp, clip)
     return routed_loss(inp, logp, advantage, advantage > 0, divergence, tail)

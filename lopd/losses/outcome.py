@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lopd.errors import LopdError
-from lopd.losses.base import FIELD_SOURCES, LossInputs, LossOutput, masked_mean, register_loss, token_logprobs
+from lopd.losses.base import FIELD_SOURCES, LossInputs, LossOutput, masked_mean, register_loss
 from lopd.losses.divergence import opsd_per_token
 from lopd.losses.policy_gradient import importance_ratio, is_surrogate, opd_advantage
 
@@ -101,7 +101,7 @@ def ppo_loss(inp: LossInputs, logp: torch.Tensor, advantage: torch.Tensor, clip_
 def grpo_loss(inp: LossInputs, rewards: torch.Tensor, normalize_std: bool, clip_low: float,
               clip_high: float) -> LossOutput:
     """The GRPO loss of `grpo` with the given per-rollout rewards (outcome or rubric)."""
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     advantage = token_advantages(rewards, inp.group_ids, inp.mask, normalize_std)
     return ppo_loss(inp, logp, advantage, clip_low, clip_high)
 
@@ -175,7 +175,7 @@ def sod(inp: LossInputs, eps: float, delta: float, c: float, normalize_std: bool
     drift = sums / counts.clamp_min(1.0)  # [B, T]: d_k of step k in column k
     step_weight = ((drift[:, :1] + eps) / (drift + eps)).clamp(max=1.0 + delta)
     weight = step_weight.gather(1, index)
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     advantage = token_advantages(inp.rewards, inp.group_ids, inp.mask, normalize_std) + c * weight * signal
     return ppo_loss(
         inp, logp, advantage, clip_low, clip_high,
@@ -216,7 +216,7 @@ def uni_opd(inp: LossInputs, clip: float, threshold: float, delta: float, direct
         raise LopdError(f"uni_opd.direction must be one of {', '.join(UNI_OPD_DIRECTIONS)}, got {direction!r}")
     if mode not in UNI_OPD_MODES:
         raise LopdError(f"uni_opd.mode must be one of {', '.join(UNI_OPD_MODES)}, got {mode!r}")
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     advantage = opd_advantage(inp.teacher_logprobs, logp, clip)
     count = inp.mask.sum(1)
     per_rollout = (advantage * inp.mask).sum(1) / count.clamp_min(1.0)
@@ -271,7 +271,7 @@ def rlsd(inp: LossInputs, lam: float, eps_w: float, normalize_std: bool, clip_lo
     blame. lam 0.5 and eps_w 0.2 come from a re-implementation, not the paper (UNCONFIRMED; set lam, eps_w);
     the paper decays lam to 0 during training, which a schedule outside the loss must do.
     """
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     sequence = token_advantages(inp.rewards, inp.group_ids, inp.mask, normalize_std)
     weight = privileged_weight(opd_advantage(inp.teacher_logprobs, logp, 0.0), torch.sign(sequence), lam, eps_w)
     return ppo_loss(inp, logp, sequence * weight, clip_low, clip_high,
@@ -298,7 +298,7 @@ def rlrt(inp: LossInputs, lam: float, eps_w: float, threshold: float, normalize_
     our reading of the abstract as RLSD's formula with the sign swapped; lam, eps_w, threshold and the clip
     range are the knobs (lam=0 is plain GRPO).
     """
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     sequence = token_advantages(inp.rewards, inp.group_ids, inp.mask, normalize_std)
     swapped = privileged_weight(opd_advantage(inp.teacher_logprobs, logp, 0.0), -torch.sign(sequence), lam, eps_w)
     weight = torch.where(succeeded(inp, threshold), swapped, torch.ones_like(swapped))
@@ -326,7 +326,7 @@ def rlcsd(inp: LossInputs, grpo_weight: float, coef: float, clip: float, normali
     pi_old. How the paper combines C_t with the outcome advantage, and the weights and clip, are
     UNCONFIRMED (grpo_weight, coef, clip; grpo_weight=0 is pure contrastive distillation).
     """
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     contrast = inp.teacher_logprobs - inp.contrast_logprobs
     if clip > 0:
         contrast = contrast.clamp(-clip, clip)
@@ -355,7 +355,7 @@ def sdar(inp: LossInputs, tau: float, lam: float, beta: float, opsd_tau: float, 
     L_GRPO is `grpo`. tau and lam are UNCONFIRMED (defaults 1.0 and 0.1; knobs tau, lam), as is the choice
     of OPSD's divergence (beta, opsd_tau).
     """
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     advantage = token_advantages(inp.rewards, inp.group_ids, inp.mask, normalize_std)
     gate = torch.sigmoid(opd_advantage(inp.teacher_logprobs, logp, 0.0) / tau)
     divergence, _ = opsd_per_token(inp, beta, opsd_tau)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lopd.errors import LopdError
-from lopd.losses.base import LossInputs, LossOutput, masked_mean, register_loss, token_logprobs
+from lopd.losses.base import LossInputs, LossOutput, masked_mean, register_loss
 
 BASELINES = ("none", "batch_mean")
 
@@ -78,7 +78,7 @@ def opd_is(inp: LossInputs, coef: float, gamma: float, ppo_clip: float) -> LossO
     token mean here), or the PPO-clipped surrogate when ppo_clip > 0. gamma > 0 replaces A_t by its
     discounted future sum, as tinker-cookbook's distillation recipe optionally does.
     """
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     advantage = -coef * (inp.behaviour_logprobs - inp.teacher_logprobs) * inp.mask
     advantage = discounted_future_sum(advantage, gamma)
     ratio = importance_ratio(logp, inp.behaviour_logprobs)
@@ -108,7 +108,7 @@ def exopd(inp: LossInputs, lam: float, clip: float) -> LossOutput:
     teacher deems impossible (cached log-prob near the -1e4 floor) gives an advantage of about -1e4 and
     one step destroys the student (measured: 0% valid on the toy task). clip=0 is the paper's unclipped form.
     """
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     base = inp.base_logprobs
     advantage = (lam * (inp.teacher_logprobs - base) - (inp.behaviour_logprobs - base)).detach()
     if clip > 0:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from lopd.losses.base import LossInputs, LossOutput, masked_mean, register_loss, token_logprobs
+from lopd.losses.base import LossInputs, LossOutput, masked_mean, register_loss
 from lopd.losses.outcome import PG_DEFAULTS, clipped_surrogate, succeeded, token_advantages
 from lopd.losses.policy_gradient import importance_ratio
 from lopd.losses.topk import generalized_jsd, teacher_topk_logprobs, topk_support, topk_tail_entropy
@@ -62,14 +62,14 @@ def srpo(inp: LossInputs, threshold: float, alpha: float, tail: bool, distill_co
     distillation term by 1 - clamp(H_T / log V, 0, 1), H_T the teacher entropy from its top-k plus tail.
     The token-mean combination and distill_coef are also our choice (UNCONFIRMED).
     """
-    logp = token_logprobs(inp.logits, inp.tokens)
+    logp = inp.student.token_logprobs()
     advantage = token_advantages(inp.rewards, inp.group_ids, inp.mask, normalize_std)
     ratio = importance_ratio(logp, inp.behaviour_logprobs)
     policy_term = -clipped_surrogate(ratio, advantage, clip_low, clip_high)
     distill = sdpo_per_token(inp, alpha, tail)
     if entropy_weight:
         h_teacher = topk_tail_entropy(teacher_topk_logprobs(inp))
-        distill = distill * (1.0 - (h_teacher / math.log(inp.logits.shape[-1])).clamp(0.0, 1.0))
+        distill = distill * (1.0 - (h_teacher / math.log(inp.student.vocab_size)).clamp(0.0, 1.0))
     correct = succeeded(inp, threshold).expand(inp.mask.shape)
     loss = masked_mean(torch.where(correct, policy_term, distill_coef * distill), inp.mask)
     share = masked_mean(correct.to(inp.mask.dtype), inp.mask)

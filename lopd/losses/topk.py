@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from lopd.errors import LopdError
-from lopd.losses.base import LossInputs, LossOutput, masked_mean, upcast, vocab_logprobs
+from lopd.losses.base import LossInputs, LossOutput, masked_mean, upcast
 
 TAIL_EPS = 1e-6
 """Floor on a tail mass before its log: a teacher top-k that covers (numerically) all the mass has tail 0."""
@@ -63,7 +63,7 @@ def topk_support(inp: LossInputs, tail: bool = False, temperature: float = 1.0) 
     """
     if tail and temperature != 1.0:
         raise LopdError("a temperature other than 1 needs the renormalised top-k support, not the tail bucket")
-    student = vocab_logprobs(inp.logits, temperature).gather(-1, inp.topk_ids.long())
+    student = inp.student.topk_logprobs(temperature)
     teacher = teacher_topk_logprobs(inp)
     if tail:
         return with_tail(student), with_tail(teacher)

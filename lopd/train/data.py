@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from lopd.cache.reader import ScoreCache
 from lopd.errors import LopdError
 from lopd.losses.base import LossInputs
+from lopd.losses.student import StudentLogprobs, StudentRequest
 from lopd.rollout_set import RolloutSet
 
 
@@ -100,10 +101,20 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.mask.sum().item())
 
-    def loss_inputs(self, logits: torch.Tensor) -> LossInputs:
-        """Select the logits that predict each response token: [B, L, V] -> [B, T, V]."""
-        index = self.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-        return LossInputs(logits=logits.gather(1, index), tokens=self.tokens, mask=self.mask, **self.fields)
+    def response_rows(self, states: torch.Tensor) -> torch.Tensor:
+        """The rows of per-position `states` that predict each response token: [B, L, D] -> [B, T, D]."""
+        index = self.positions.unsqueeze(-1).expand(-1, -1, states.shape[-1])
+        return states.gather(1, index)
+
+    def loss_inputs(self, student: StudentLogprobs) -> LossInputs:
+        """The batch's loss inputs around the student's gathered log-probs."""
+        return LossInputs(student=student, tokens=self.tokens, mask=self.mask, **self.fields)
+
+    def loss_inputs_from_logits(self, logits: torch.Tensor, request: StudentRequest = StudentRequest()) -> LossInputs:
+        """Loss inputs from full logits [B, L, V]: the unchunked path, for diagnostics that need every logit."""
+        student = StudentLogprobs.from_logits(self.response_rows(logits), self.tokens, self.mask,
+                                              self.fields.get("topk_ids"), request)
+        return self.loss_inputs(student)
 
 
 def _pad(arrays: list[np.ndarray], width: int, value, dtype) -> torch.Tensor:

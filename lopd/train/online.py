@@ -63,7 +63,7 @@ class OnlineSampler:
     def score(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         batch = collate(items, self.pad_id)
         logits = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logprobs = batch.loss_inputs(logits).logits.float().log_softmax(-1)
+        logprobs = batch.response_rows(logits).float().log_softmax(-1)
         sampled = logprobs.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
         top = logprobs.topk(self.k, dim=-1)
         for i, item in enumerate(items):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,36 +28,19 @@ from lopd.fingerprint import model_fingerprint
 from lopd.guards import check_training_inputs
 from lopd.lineage import read_lineage, write_lineage
 from lopd.losses import get_loss
-from lopd.losses.base import LossSpec
+from lopd.losses.base import LossInputs, LossSpec
+from lopd.losses.student import StudentLogprobs, StudentRequest
 from lopd.refresh import Refresher, RefreshContext
 from lopd.rollout_set import RolloutSet
 from lopd.train import distributed
+from lopd.train.config import TrainConfig
 from lopd.train.data import Batch, SequenceDataset, available_fields, collate
 from lopd.train.sampling import GroupBatchSampler
+from lopd.train.student_head import StudentHead, load_student
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    loss: str = "lightning"
-    loss_args: dict[str, Any] = field(default_factory=dict)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    batch_size: int = 64  # sequences per optimizer step, across all ranks
-    micro_batch_size: int | None = None  # per rank; default = batch_size / world size
-    steps: int | None = None  # default: `epochs` passes over the data
-    epochs: float = 1.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    zero_stage: int = 2
-    bf16: bool = False
-    seed: int = 0
-    log_every: int = 10
-    allow_teacher_mismatch: bool = False
-    allow_lineage_mismatch: bool = False
-    refresh: dict[str, Any] = field(default_factory=dict)  # RefreshPolicy fields; empty = never (Lightning OPD)
-    token_filter: str = "none"  # "aligned": train only on tokens whose teacher gradient agrees with GRPO's (lopd.alignment)
-    token_filter_signal: str = ""  # loss whose gradient is the teacher signal for the filter; "" = the training loss
+MERGED_DIR = "merged"
+"""Subdirectory of a LoRA checkpoint holding the merged full model (`--merge-lora`)."""
 
 
 @dataclass
@@ -141,6 +124,19 @@ def offline_batches(dataset: SequenceDataset, config: TrainConfig, micro: int, p
         epoch += 1
 
 
+def lr_factor(config: TrainConfig, total_steps: int, step: int) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule
+    (constant, or linear / cosine decay to 0 at the last step)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    if config.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
 def steps_for(config: TrainConfig, num_rows: int) -> int:
     return config.steps or max(1, math.ceil(config.epochs * num_rows / config.batch_size))
 
@@ -203,16 +199,16 @@ def train(
 def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_dir: Path, batches, quiet,
            deepspeed, attached: dict[str, ScoreCache], refresh_context: RefreshContext | None) -> TrainResult:
     """The training loop proper (every rank runs it; rank 0 also writes metrics and the checkpoint)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(student)
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    model = load_student(student, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     ds_config = deepspeed_config(config, distributed.world_size())
     total_steps = steps_for(config, len(source)) if source is not None else (config.steps or 1)
-    warmup = max(config.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, config, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     micro = ds_config["train_micro_batch_size_per_gpu"]
@@ -225,7 +221,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     refresher = None
     step = 0
     if batches is not None:
-        stream = batches(engine.module)
+        stream = batches(engine.module.lm)
     else:
         dataset = SequenceDataset(source, attached)
         if policy.enabled:
@@ -234,9 +230,10 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
             refresher = Refresher(source, dataset, refresh_context, out_dir / "refresh")
         before = None
         if refresher is not None and policy.every_step:
-            before = lambda rows: refresher.refresh(list(rows), engine.module, tokenizer, step)  # noqa: E731
+            before = lambda rows: refresher.refresh(list(rows), engine.module.lm, tokenizer, step)  # noqa: E731
         stream = offline_batches(dataset, config, micro, pad_id, before, grouped="group_ids" in spec.needs)
 
+    student_request = spec.student_request(loss_args)
     is_main = distributed.rank() == 0
     metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
     drift_file = (out_dir / "drift.jsonl").open("w") if is_main and isinstance(source, ScoreCache) else None
@@ -249,19 +246,19 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     for step in range(1, total_steps + 1):
         for _ in range(accumulation):
             batch = next(stream)
-            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            inputs = batch.loss_inputs(logits)
+            request = replace(student_request, topk_overlap=topk_width(batch))
+            inputs = batch.loss_inputs(engine(batch, request))
             filtered_inputs = inputs  # drift metrics below keep every token; only the loss sees the filter
             if token_filter is not None:
-                filtered_inputs, filtered = token_filter(inputs, batch.rows)
+                filtered_inputs, filtered = filter_tokens(token_filter, engine.module, batch, inputs)
                 for key, value in filtered.items():
                     window.setdefault(key, []).append(value)
             out = spec.fn(filtered_inputs, **loss_args)
             engine.backward(out.loss)
             engine.step()
             tokens_seen += batch.num_tokens
-            drift.add(token_drift(inputs, policy.band), batch.rows if batch.rows is not None else
-                      torch.zeros(len(batch.input_ids), dtype=torch.long))
+            drift.add(token_drift(untempered(inputs, engine.module, batch), policy.band),
+                      batch.rows if batch.rows is not None else torch.zeros(len(batch.input_ids), dtype=torch.long))
             for key, value in {"loss": out.loss.item(), **out.metrics}.items():
                 window.setdefault(key, []).append(value)
         if refresher is not None and not policy.every_step and step % policy.check_every == 0:
@@ -270,7 +267,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
                 if drift_file:
                     drift_file.write(json.dumps({"step": step, "refresh": stale, "shards": {
                         s: drift.shards[s].summary() for s in stale}}) + "\n")
-                refresher.refresh(refresher.shard_rows(stale), engine.module, tokenizer, step, stale)
+                refresher.refresh(refresher.shard_rows(stale), engine.module.lm, tokenizer, step, stale)
                 drift.reset(stale)
         if step % config.log_every == 0 or step == total_steps:
             elapsed = time.perf_counter() - start
@@ -304,15 +301,37 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     return TrainResult(out_dir, total_steps, tokens_seen, seconds, last, refresher.summary() if refresher else {})
 
 
+def topk_width(batch: Batch) -> int:
+    """K of the batch's teacher top-k (0 without one): the drift statistics compare it with the student's own top-k."""
+    return batch.fields["topk_ids"].shape[-1] if "topk_ids" in batch.fields else 0
+
+
+def untempered(inputs: LossInputs, head: StudentHead, batch: Batch) -> LossInputs:
+    """`inputs` with the student's log-probs at temperature 1 (drift is measured against the untempered policy):
+    a second, gradient-free chunked pass only when the loss reads a tempered student."""
+    if inputs.student.request.temperature == 1.0:
+        return inputs
+    with torch.no_grad():
+        return replace(inputs, student=head(batch, StudentRequest(topk_overlap=topk_width(batch))))
+
+
+def filter_tokens(token_filter, head: StudentHead, batch: Batch, inputs: LossInputs) -> tuple[LossInputs, dict[str, float]]:
+    """Apply the aligned-token filter, which needs full logits (materialised here without grad), to `inputs`' mask."""
+    full = StudentLogprobs.from_logits(head.full_logits(batch), batch.tokens, batch.mask, batch.fields.get("topk_ids"),
+                                       inputs.student.request)
+    filtered, metrics = token_filter(replace(inputs, student=full), batch.rows)
+    return replace(inputs, mask=filtered.mask), metrics
+
+
 def save_checkpoint(engine, tokenizer, out_dir: Path, config: TrainConfig, student: str, source) -> None:
     """A Hugging Face checkpoint (`save_pretrained`) plus lineage: what it was trained from, and on what."""
-    if config.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+    if config.zero_stage == 3:  # keys of the StudentHead wrapper ("lm.<name>") back to the model's own
+        state = {key.removeprefix("lm."): value for key, value in engine._zero3_consolidated_16bit_state_dict().items()}
     else:
         state = None
     if distributed.rank() != 0:
         return
-    model = engine.module
+    model = engine.module.lm
     model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
@@ -333,3 +352,8 @@ def save_checkpoint(engine, tokenizer, out_dir: Path, config: TrainConfig, stude
         if config.loss == "sft":
             lineage["sft_data_model"] = source.meta["model_fingerprint"]
     write_lineage(out_dir, lineage)
+    if config.lora_rank and config.merge_lora:  # the full model vLLM loads for the next rollout; training is over
+        merged_dir = out_dir / MERGED_DIR
+        model.merge_and_unload().save_pretrained(merged_dir, safe_serialization=True)
+        tokenizer.save_pretrained(merged_dir)
+        write_lineage(merged_dir, lineage)

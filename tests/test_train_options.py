@@ -1,0 +1,70 @@
+"""`lopd train` options and pipeline train stages are one set (TrainConfig), validated the same way."""
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import pytest
+from click.testing import CliRunner
+
+from lopd.cli import main
+from lopd.errors import LopdError
+from lopd.train.config import TrainConfig
+from lopd.train.trainer import lr_factor
+
+HAND_WRITTEN = {"loss": "--loss", "loss_args": "--loss-arg", "refresh": "--refresh"}
+
+
+def train_option_names() -> set[str]:
+    return {opt for param in main.commands["train"].params for opt in param.opts}
+
+
+def test_every_train_config_field_is_a_train_option():
+    names = train_option_names()
+    for f in fields(TrainConfig):
+        flag = HAND_WRITTEN.get(f.name, f"--{f.name.replace('_', '-')}")
+        assert flag in names, f"TrainConfig.{f.name} has no `lopd train` option {flag}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "-5"], "--steps"),
+    (["--steps", "0"], "--steps"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "-1e-3"], "--lr"),
+    (["--epochs", "0"], "--epochs"),
+    (["--warmup-steps", "-3"], "--warmup-steps"),
+    (["--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--loss-chunk-size", "0"], "--loss-chunk-size"),
+    (["--betas", "0.9", "1.5"], "--betas"),
+    (["--dtype", "fp16"], "--dtype"),
+])
+def test_bad_numbers_are_refused_by_the_command_line(argv, message, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--student", "x", "--cache", "y", "--out", str(tmp_path / "o"), *argv])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"steps": -5}, "'steps' must be >= 1"),
+    ({"lr": 0.0}, "'lr' must be > 0"),
+    ({"betas": (0.9, 1.5)}, "'betas' must be in"),
+    ({"dtype": "fp16"}, "'dtype' must be one of fp32, bf16"),
+    ({"lr": float("nan")}, "finite"),
+    ({"lora_rank": 8, "zero_stage": 3}, "--zero-stage 2"),
+    ({"merge_lora": True}, "--lora-rank"),
+])
+def test_bad_values_are_refused_for_pipeline_stages_too(params, message):
+    with pytest.raises(LopdError, match=message) as err:
+        TrainConfig(**params)
+    assert "\n" not in str(err.value)
+
+
+def test_learning_rate_schedules():
+    warm = TrainConfig(warmup_steps=4, lr_schedule="linear")
+    assert [lr_factor(warm, 12, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(warm, 12, 8) == pytest.approx(0.5) and lr_factor(warm, 12, 12) == 0.0
+    cosine = TrainConfig(lr_schedule="cosine")
+    assert lr_factor(cosine, 10, 0) == 1.0 and lr_factor(cosine, 10, 5) == pytest.approx(0.5)
+    assert lr_factor(cosine, 10, 10) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_factor(TrainConfig(), 10, s) == 1.0 for s in range(10))
+    assert not math.isnan(lr_factor(TrainConfig(lr_schedule="linear"), 1, 0))
