@@ -36,31 +36,40 @@ def fields(g: torch.Generator) -> dict[str, torch.Tensor]:
     )
 
 
-def loss_and_grads(name: str, chunk_size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def loss_and_grads(name: str, chunk_size: int | None, seed: int, overrides: dict | None = None,
+                   wrapped: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """wrapped: lm_head inside another module, as under ZeRO-3 or an adapter: the activation-checkpointing path."""
     g = torch.Generator().manual_seed(seed)
     data = fields(g)
     hidden = (torch.randn(B, T, H, generator=g) * 2).requires_grad_(True)
-    head = torch.nn.Linear(H, V, bias=False)
+    linear = torch.nn.Linear(H, V, bias=False)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(V, H, generator=g) * 0.5)
+        linear.weight.copy_(torch.randn(V, H, generator=g) * 0.5)
+    head = torch.nn.Sequential(linear) if wrapped else linear
+    head.out_features = V
     spec = get_loss(name)
-    args = spec.resolve_args({})
+    args = spec.resolve_args(overrides or {})
     request = spec.student_request(args)
     if chunk_size is None:
         student = StudentLogprobs.from_logits(head(hidden), data["tokens"], data["mask"], data["topk_ids"], request)
     else:
         student = student_logprobs(hidden, head, data["tokens"], data["mask"], data["topk_ids"], request, chunk_size)
     out = spec.fn(LossInputs(student=student, **data), **args)
-    grad_hidden, grad_head = torch.autograd.grad(out.loss, [hidden, head.weight], allow_unused=True)
+    grad_hidden, grad_head = torch.autograd.grad(out.loss, [hidden, linear.weight], allow_unused=True)
     zero = torch.zeros(())
     return out.loss.detach(), (zero if grad_hidden is None else grad_hidden), (zero if grad_head is None else grad_head)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# Loss arguments that change what the student pass computes: a temperature, the student's entropy.
+STUDENT_VARIANTS = [("gkd", {"temperature": 2.0}), ("rkl_topk", {"entropy_top_ratio": 0.5}), ("tip", {})]
+
+
+@pytest.mark.parametrize("name,overrides", [(name, {}) for name in sorted(REGISTRY)] + STUDENT_VARIANTS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_chunked_equals_unchunked(name: str, seed: int):
-    loss, grad_hidden, grad_head = loss_and_grads(name, None, seed)
-    chunked, chunked_hidden, chunked_head = loss_and_grads(name, CHUNK, seed)
+@pytest.mark.parametrize("wrapped", [False, True], ids=["linear", "wrapped-head"])
+def test_chunked_equals_unchunked(name: str, overrides: dict, seed: int, wrapped: bool):
+    loss, grad_hidden, grad_head = loss_and_grads(name, None, seed, overrides)
+    chunked, chunked_hidden, chunked_head = loss_and_grads(name, CHUNK, seed, overrides, wrapped)
     assert torch.isfinite(loss)
     torch.testing.assert_close(chunked, loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked_hidden, grad_hidden, rtol=1e-5, atol=1e-5)

@@ -50,6 +50,63 @@ def build_qwen3(out_dir: str | Path, *, layers: int = 2, hidden: int = 256, head
     return out
 
 
+def synthetic_score_set(root: str | Path, model_dir: str | Path, *, rows: int, prompt_tokens: int,
+                        response_tokens: int, k: int = 32, rows_per_shard: int = 16, seed: int = 0):
+    """A rollout set of `rows` random-token rows generated "by" `model_dir` and a top-k score set over it with the
+    model as its own teacher, written through lopd's real writers (no engine): random teacher log-probs, real
+    layout, real sizes. Returns the opened ScoreCache; reused when it already exists under `root`."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from lopd.cache.layout import id_dtype
+    from lopd.cache.reader import open_cache
+    from lopd.cache.score_set import ScoreSetWriter
+    from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
+    from lopd.rollout_set import RolloutSet, write_rollout_set
+
+    name = f"synthetic-{rows}x{prompt_tokens}+{response_tokens}-k{k}-s{seed}"
+    root, model = Path(root), str(Path(model_dir).resolve())
+    scores = root / "scores" / f"s-{name}"
+    if (scores / "manifest.json").exists():
+        return open_cache(scores)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rng = np.random.default_rng(seed)
+    tokens = len(tokenizer)
+    rollout_path = root / "rollouts" / f"r-{name}"
+    if not (rollout_path / "meta.json").exists():
+        records = [{"prompt_id": f"p{i}", "group_id": i, "sample_index": 0, "prompt": "", "answer": "",
+                    "prompt_ids": rng.integers(len(SPECIALS), tokens, prompt_tokens).tolist(),
+                    "response_ids": rng.integers(len(SPECIALS), tokens, response_tokens).tolist(),
+                    "behaviour_logprobs": (-rng.random(response_tokens) * 12).tolist(), "finish_reason": "length",
+                    "reward": float(i % 2)} for i in range(rows)]
+        meta = {"id": rollout_path.name, "model": model, "model_fingerprint": model_fingerprint(model),
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "vocab_fingerprint": vocabulary_fingerprint(tokenizer)}
+        write_rollout_set(rollout_path, records, meta)
+    rollouts = RolloutSet(rollout_path)
+    vocab = QWEN3_VOCAB
+    header = {"id": scores.name, "kind": "score_set", "teacher": {"model": model, "fingerprint": model_fingerprint(model)},
+              "tokenizer_fingerprint": rollouts.meta["tokenizer_fingerprint"],
+              "rollout_set": {"id": rollouts.id, "content_digest": rollouts.meta["content_digest"],
+                              "path": f"../../rollouts/{rollouts.id}"},
+              "config": {"k": k, "logprob_dtype": "float16"}, "num_rows": rows, "vocab_size": vocab,
+              "id_dtype": str(id_dtype(vocab))}
+    writer = ScoreSetWriter(scores, header, rows_per_shard=rows_per_shard)
+    for plan in writer.plan(rows):
+        n = (plan.stop - plan.start) * response_tokens
+        top = np.sort(-rng.random((n, k)) * 10 - 0.1, axis=1)[:, ::-1]
+        ids = (rng.integers(0, tokens, (n, 1)) + np.arange(k) * 4099) % tokens  # k distinct ids per position
+        with writer.claim(plan) as mine:
+            assert mine
+            writer.commit(plan, {
+                "offsets": np.arange(0, n + 1, response_tokens, dtype=np.int64),
+                "sampled_logprob": (-rng.random(n) * 12).astype(np.float16),
+                "topk_ids": ids.astype(id_dtype(vocab)), "topk_logprobs": top.astype(np.float16),
+                "tail_logprob": np.log(np.clip(1 - np.exp(top).sum(-1), 1e-6, None)).astype(np.float16)})
+    assert writer.finish(rows)["complete"]
+    return open_cache(scores)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")

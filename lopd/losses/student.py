@@ -106,11 +106,14 @@ def student_logprobs(
     flat_hidden, flat_ids = hidden[valid], ids[valid]
     n = flat_hidden.shape[0]
     step = chunk_size or max(n, 1)
-    recompute = chunk_size is not None and torch.is_grad_enabled() and hidden.requires_grad
-    pieces = []
-    for start in range(0, n, step):
-        args = (flat_hidden[start:start + step], flat_ids[start:start + step], head, request)
-        pieces.append(checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args))
+    if chunk_size is not None and _plain_linear(head):
+        pieces = [_ChunkedLinearGather.apply(flat_hidden, head.weight, head.bias, flat_ids, step, request)] if n else []
+    else:
+        recompute = chunk_size is not None and torch.is_grad_enabled() and hidden.requires_grad
+        pieces = []
+        for start in range(0, n, step):
+            args = (flat_hidden[start:start + step], flat_ids[start:start + step], head, request)
+            pieces.append(checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args))
     width = ids.shape[-1] + int(request.entropy) + request.topk_overlap
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     gathered = hidden.new_zeros(valid.shape + (width,), dtype=dtype)
@@ -145,3 +148,76 @@ def _chunk(hidden: torch.Tensor, ids: torch.Tensor, head: Callable[[torch.Tensor
             out.append(logits.topk(request.topk_overlap, dim=-1).indices.to(logits.dtype))
     return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
 
+
+
+def _plain_linear(head) -> bool:
+    """A head whose weight we may use directly: a bare nn.Linear, not partitioned by ZeRO-3 (whose module hooks must
+    gather it: such heads, and adapted ones, take the activation-checkpointing path instead)."""
+    return type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id")
+
+
+class _ChunkedLinearGather(torch.autograd.Function):
+    """[N, H] hidden states -> log-softmax(hidden @ W.T + b) gathered at `ids` [N, J] (+ no-grad extras), chunk by chunk.
+
+    Forward keeps only each position's log-normaliser; backward recomputes a chunk's logits into one [n, V] buffer
+    and turns it, in place, into d loss / d logits = scatter(g) - (sum_j g_j) softmax (divided by the temperature),
+    then into the gradients of the hidden states and of W. One float32 [chunk, V] buffer is live at a time, where
+    autograd over the same maths keeps four to five (logits, exp, softmax grad, scatter grad).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, chunk_size: int, request: StudentRequest):
+        outputs, logzs = [], []
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], chunk_size):
+                z = _logits(hidden[start:start + chunk_size], weight, bias, request.temperature)
+                picked = z.gather(-1, ids[start:start + chunk_size])
+                top = z.topk(request.topk_overlap, dim=-1).indices.to(z.dtype) if request.topk_overlap else None
+                peak = z.amax(-1, keepdim=True)
+                probs = z.sub_(peak).exp_()  # in place: z is no longer needed
+                total = probs.sum(-1, keepdim=True)
+                logz = peak + total.log()
+                out = [picked - logz]
+                if request.entropy:
+                    probs.div_(total)
+                    out.append(-torch.special.xlogy(probs, probs).sum(-1, keepdim=True))
+                if top is not None:
+                    out.append(top)
+                outputs.append(torch.cat(out, dim=-1))
+                logzs.append(logz)
+        ctx.save_for_backward(hidden, weight, bias, ids, torch.cat(logzs))
+        ctx.chunk_size, ctx.temperature = chunk_size, request.temperature
+        return torch.cat(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, ids, logz = ctx.saved_tensors
+        grad = grad_out[:, :ids.shape[-1]].float()  # the extras carry no gradient
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(weight.dtype, torch.float32)  # accumulate W's gradient over chunks in >= float32
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_bias = (torch.zeros(bias.shape, dtype=acc, device=bias.device)
+                     if bias is not None and ctx.needs_input_grad[2] else None)
+        step = ctx.chunk_size
+        for start in range(0, hidden.shape[0], step):
+            rows = slice(start, start + step)
+            g = grad[rows]
+            dz = _logits(hidden[rows], weight, bias, ctx.temperature)
+            dz.sub_(logz[rows]).exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[rows], g)
+            if ctx.temperature != 1.0:
+                dz.div_(ctx.temperature)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(dz.T.to(acc), hidden[rows].to(acc))
+            if grad_bias is not None:
+                grad_bias.add_(dz.sum(0).to(acc))
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """hidden @ W.T (+ b) in at least float32, divided by the temperature: a fresh [n, V] buffer to work in place on."""
+    z = torch.nn.functional.linear(hidden, weight, bias)
+    z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    return z.div_(temperature) if temperature != 1.0 else z

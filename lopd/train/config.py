@@ -17,8 +17,8 @@ DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TOKEN_FILTERS = ("none", "aligned")
 REPORT_TARGETS = ("tensorboard", "wandb", "none")
-DEFAULT_LOSS_CHUNK_SIZE = 1024
-"""Positions per lm_head chunk (lopd.losses.student): [1024, 151,936] float32 is 0.6 GiB; backward holds ~3."""
+DEFAULT_LOSS_CHUNK_SIZE = 512
+"""Positions per lm_head chunk (lopd.losses.student): [512, 151,936] float32 is 0.3 GiB; a step holds ~4 such."""
 
 
 def option(default: Any = None, help: str = "", *, low: float | None = None, high: float | None = None,

@@ -1,7 +1,7 @@
 """Training batches from a score set (or, for SFT, a bare rollout set), padded and aligned to response positions."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -100,6 +100,12 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum().item())
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """The batch on `device` (the engine's: DeepSpeed does not move inputs)."""
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "fields"},
+                     fields={key: move(value) for key, value in self.fields.items()})
 
     def response_rows(self, states: torch.Tensor) -> torch.Tensor:
         """The rows of per-position `states` that predict each response token: [B, L, D] -> [B, T, D]."""

@@ -245,7 +245,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     bar = tqdm(total=total_steps, desc=f"train {config.loss}", unit="step", disable=quiet or not is_main)
     for step in range(1, total_steps + 1):
         for _ in range(accumulation):
-            batch = next(stream)
+            batch = next(stream).to(engine.device)
             request = replace(student_request, topk_overlap=topk_width(batch))
             inputs = batch.loss_inputs(engine(batch, request))
             filtered_inputs = inputs  # drift metrics below keep every token; only the loss sees the filter
