@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import enum
 import json
+import logging
 import os
 import sys
 import types
@@ -132,6 +133,9 @@ def running_context(llm) -> int:
 @cache
 def engine_arg_types() -> dict[str, Any]:
     """vLLM's engine options and their types, read from its own `EngineArgs` dataclass (so they follow vLLM)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # vLLM warns about Triton while importing, before its own logging config applies that level.
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
     from vllm.engine import arg_utils
 
     types_ = {}

@@ -215,7 +215,7 @@ def rollout_identity(model: str, tokenizer, sampling: SamplingConfig, rows: list
     if judge:
         identity["judge"] = judge
     if numeric_engine_args(engine_args or {}):
-        identity["engine"] = numeric_engine_args(engine_args or {})
+        identity["engine_args"] = numeric_engine_args(engine_args or {})
     return identity
 
 

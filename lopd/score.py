@@ -94,7 +94,7 @@ def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: Sc
     if config.context_slice:  # only when set, so score sets made before slices existed keep their ids
         identity["config"]["context_slice"] = config.context_slice
     if numeric_engine_args(engine_args or {}):
-        identity["config"]["engine"] = numeric_engine_args(engine_args or {})
+        identity["config"]["engine_args"] = numeric_engine_args(engine_args or {})
     return identity
 
 
