@@ -90,6 +90,33 @@ def test_scoring_defaults_size_the_engine_from_the_longest_row(spy, rollout_set,
     assert kwargs["max_num_batched_tokens"] == 4096
 
 
+def test_a_row_longer_than_the_teacher_context_is_refused_before_anything_is_written(spy, tmp_path):
+    from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
+    from lopd.score import score
+    from transformers import AutoTokenizer
+
+    records = [{"prompt_id": f"p{i}", "group_id": i, "sample_index": 0, "prompt": "ab=", "answer": "c",
+                "prompt_ids": [1, 4, 5, 40], "response_ids": [6] * n, "behaviour_logprobs": [-1.0] * n,
+                "finish_reason": "length", "reward": 0.0} for i, n in enumerate((2, 60, 3))]
+    meta = {"id": "r-long", "model": TEACHER, "model_fingerprint": model_fingerprint(TEACHER),
+            "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(TEACHER))}
+    rollouts = write_rollout_set(tmp_path / "root" / "rollouts" / "r-long", records, meta)
+    with pytest.raises(LopdError, match=r"rollout row 1 \(prompt p1\) has 64 tokens and scoring it needs 65, more "
+                                        r"than the engine's context of 64; this teacher cannot score it"):
+        score(TEACHER, rollouts, ScoreConfig(), root=tmp_path / "root")
+    with pytest.raises(LopdError, match=r"needs 65, more than the engine's context of 32; raise --engine-arg "
+                                        r"max_model_len to 65"):
+        score(TEACHER, rollouts, ScoreConfig(), root=tmp_path / "root", engine_args={"max_model_len": 32})
+    assert not spy and not (tmp_path / "root" / "scores").exists()
+
+
+def test_train_takes_engine_options_only_for_refresh_engines(tmp_path, rollout_set):
+    result = CliRunner().invoke(main, ["train", "--student", STUDENT, "--rollouts", str(rollout_set.path), "--loss",
+                                       "sft", "--out", str(tmp_path / "ck"), "--root", str(tmp_path / "root"),
+                                       "--engine-arg", "tensor_parallel_size=2"])
+    assert isinstance(result.exception, LopdError) and "it needs --refresh" in str(result.exception)
+
+
 def test_rollout_and_eval_pass_engine_options(spy, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "ab="}) + "\n")
