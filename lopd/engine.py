@@ -5,6 +5,7 @@ everything checkable is checked here, before the engine starts.
 """
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import enum
 import json
@@ -13,7 +14,7 @@ import os
 import sys
 import types
 import typing
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -230,7 +231,7 @@ def _as(option: Any, value: Any) -> Any:
         return value.strip()
     if option is Any:
         return value
-    if origin in (dict, Mapping, typing.Mapping) or origin is None and is_dataclass(option) or option is dict:
+    if origin in (dict, collections.abc.Mapping) or option is dict or origin is None and is_dataclass(option):
         parsed = json.loads(value) if isinstance(value, str) else value
         if not isinstance(parsed, dict):
             raise ValueError
