@@ -114,6 +114,9 @@ def rollout(
     rubric = load_judge(judge)
     with record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec:
         engine = llm or build_llm(model, seed=sampling.seed, engine_args=engine_args)
+        if running_context(engine) != context:  # vLLM also reads limits lopd does not (e.g. the tokenizer's)
+            check_max_tokens(sampling.max_tokens, running_context(engine), model)
+            check_prompts(rows, prompt_ids, running_context(engine), skip_invalid=False)
         if env is None:
             rollouts = _generate(engine, rows, prompt_ids, tokenizer, sampling, verify, quiet)
         else:
