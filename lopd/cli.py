@@ -15,6 +15,10 @@ EXPERIMENT_OPTION = click.option("--experiment", envvar="LOPD_EXPERIMENT", defau
                                  help="Experiment name recorded in the cost ledger ($LOPD_EXPERIMENT).")
 ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False), default=None,
                            help="Storage root (default: $LOPD_ROOT, else storage/ of the checkout).")
+ENGINE_ARG_OPTION = click.option(
+    "--engine-arg", "engine_arg_items", multiple=True, metavar="KEY=VALUE",
+    help="vLLM engine option (repeatable), typed by vLLM's EngineArgs: tensor_parallel_size=4, max_model_len=32768, "
+         "gpu_memory_utilization=0.85, dtype=bfloat16, quantization=fp8, ... (docs/engine.md).")
 
 
 def emit(obj) -> None:
@@ -74,6 +78,15 @@ def parse_pairs(items: tuple[str, ...], option: str) -> dict[str, str]:
     return args
 
 
+def parse_engine_args(items: tuple[str, ...]) -> dict:
+    """`--engine-arg key=value` pairs typed and checked against vLLM's EngineArgs (before any engine starts)."""
+    if not items:
+        return {}
+    from lopd.engine import check_engine_args
+
+    return check_engine_args(parse_pairs(items, "--engine-arg"))
+
+
 def parse_refresh(items: tuple[str, ...]) -> dict:
     """`--refresh key=value` pairs typed after RefreshPolicy's fields."""
     from dataclasses import fields
@@ -131,24 +144,33 @@ def main() -> None:
 @click.option("--judge", default=None,
               help="Rubric judge module:function returning a score in [0, 1] (stored as rubric_reward), e.g. "
                    "lopd.toy.calc:judge.")
+@click.option("--skip-invalid", is_flag=True,
+              help="Leave out empty prompts and prompts too long for the engine's context (counted in the set's "
+                   "metadata) instead of stopping at the first.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory (default: content-addressed under the root).")
+@ENGINE_ARG_OPTION
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, top_p, max_tokens, seed,
-            verifier, tool, judge, out, experiment, root):
+            verifier, tool, judge, skip_invalid, out, engine_arg_items, experiment, root):
     """Generate rollouts with vLLM into a Parquet rollout set."""
     from lopd.prompts import PromptFormat, load_prompts
     from lopd.rollout import SamplingConfig, rollout as run
 
     start = time.perf_counter()
+    engine_args = parse_engine_args(engine_arg_items)
     prompt_format = PromptFormat(chat=chat, system_prompt=system_prompt)
     prompt_format.validate()
     rows = load_prompts(prompts, prompt_field, answer_field)
     sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     rollouts, reused = run(model, rows, sampling, root=resolve_root(root), verifier=verifier, out=out,
-                          experiment=experiment, prompt_format=prompt_format, tool=tool, judge=judge)
+                          experiment=experiment, prompt_format=prompt_format, tool=tool, judge=judge,
+                          engine_args=engine_args, skip_invalid=skip_invalid)
     emit({"rollout_set": rollouts.id, "path": rollouts.path, "rows": len(rollouts), "reused": reused,
-          "response_tokens": rollouts.meta["num_response_tokens"], "seconds": round(time.perf_counter() - start, 1)})
+          "response_tokens": rollouts.meta["num_response_tokens"],
+          "truncated": rollouts.meta.get("truncated", {}).get("length", 0),
+          "skipped_prompts": sum(v for k, v in rollouts.meta.get("skipped_prompts", {}).items() if k != "ids"),
+          "seconds": round(time.perf_counter() - start, 1)})
 
 
 @main.command()
@@ -166,19 +188,26 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
               help="Score with only the prompt's last N tokens (OPSDL's short-context self-teacher); 0 keeps it all.")
 @click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Score only shards i, i+N, ... (i/N) for multi-node jobs.")
 @click.option("--out", type=click.Path(file_okay=False), default=None)
+@ENGINE_ARG_OPTION
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, context, context_slice, shard_spec,
-          out, experiment, root):
-    """Score every rollout token once with the teacher (vLLM) into a Zarr v3 score set."""
+          out, engine_arg_items, experiment, root):
+    """Score every rollout token once with the teacher (vLLM) into a Zarr v3 score set.
+
+    The engine's context is the longest stored row plus one token (every row fits) and its prefill chunk is
+    4,096 tokens (bounds memory); --engine-arg max_model_len=N / max_num_batched_tokens=N override them.
+    """
     from lopd.rollout_set import RolloutSet
     from lopd.score import ScoreConfig, score as run
 
+    engine_args = parse_engine_args(engine_arg_items)
     root = resolve_root(root)
     rollouts = RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts"))
     config = ScoreConfig(k=k, logprob_dtype=logprob_dtype, max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
                          context=context, context_slice=context_slice)
-    result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec), experiment=experiment)
+    result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec), experiment=experiment,
+                 engine_args=engine_args)
     if result.reused:
         click.echo(f"cache hit: score set {result.id} already holds these scores; no teacher work done", err=True)
     emit({"score_set": result.id, "path": result.path, "reused": result.reused,
@@ -201,10 +230,11 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
 @click.option("--contrast", "contrast_ref", default=None,
               help="Score set of the same rollouts under the incorrect-hint context (RLCSD's contrast: rlcsd).")
 @train_config_options
+@ENGINE_ARG_OPTION
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, teacher, base_ref, contrast_ref,
-          experiment, root, **options):
+          engine_arg_items, experiment, root, **options):
     """Train a student with DeepSpeed from a cache (or rollout set, for SFT)."""
     from lopd.cache.reader import open_cache
     from lopd.losses import get_loss
@@ -213,6 +243,10 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
 
     root = resolve_root(root)
     get_loss(loss)
+    engine_args = parse_engine_args(engine_arg_items)
+    if engine_args and not refresh_args:
+        raise LopdError("--engine-arg applies to the engines a cache refresh runs; it needs --refresh (training "
+                        "itself runs no vLLM engine)")
     if (cache_ref is None) == (rollouts_ref is None):
         raise LopdError("pass exactly one of --cache (a score set) or --rollouts (a rollout set, for --loss sft)")
     source = (open_cache(find_artifact(cache_ref, root, "scores")) if cache_ref
@@ -226,7 +260,8 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
         from lopd.engine import EnginePool
         from lopd.refresh import RefreshContext
 
-        context = RefreshContext(teacher, EnginePool(max_logprobs=max(source.k, 1)), root, experiment)
+        context = RefreshContext(teacher, EnginePool(max_logprobs=max(source.k, 1), engine_args=engine_args), root,
+                                 experiment)
     attached = {field: open_cache(find_artifact(ref, root, "scores"))
                 for field, ref in (("base_logprobs", base_ref), ("contrast_logprobs", contrast_ref)) if ref}
     result = run(student, source, config, Path(out), root=root, experiment=experiment, attached=attached,
@@ -244,14 +279,16 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
 @click.option("--max-tokens", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--tool", default=None, help="Tool environment module:attr (as for `lopd rollout --tool`).")
+@ENGINE_ARG_OPTION
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def eval_(model, prompts, verifier, n, temperature, max_tokens, seed, tool, experiment, root):
+def eval_(model, prompts, verifier, n, temperature, max_tokens, seed, tool, engine_arg_items, experiment, root):
     """Accuracy of a model on a prompt set (vLLM sampling + verifier)."""
     from lopd.evaluate import evaluate
 
+    engine_args = parse_engine_args(engine_arg_items)
     emit(evaluate(model, prompts, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                  root=resolve_root(root), experiment=experiment, tool=tool).as_dict())
+                  root=resolve_root(root), experiment=experiment, tool=tool, engine_args=engine_args).as_dict())
 
 
 @main.command()

@@ -5,15 +5,40 @@ everything checkable is checked here, before the engine starts.
 """
 from __future__ import annotations
 
+import collections.abc
+import difflib
+import enum
 import json
+import logging
 import os
+import sys
+import types
+import typing
+from dataclasses import fields, is_dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from lopd.errors import LopdError
 
 # vLLM's CPU attention kernel supports only these head sizes (CPUAttentionBackend.get_supported_head_sizes).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+# Engine options that change the numbers an engine computes (not just where or how fast): they enter rollout
+# and score set ids, so two caches made under different values never share an id.
+NUMERIC_ENGINE_ARGS = ("dtype", "quantization", "max_model_len", "kv_cache_dtype")
+# Engine options lopd sets from its own command-line options.
+OWNED_ENGINE_ARGS = {"model": "--model / --teacher"}
+# Token budget of one scoring engine step (vLLM's chunked prefill). vLLM computes a float32 [tokens, vocab] logits
+# copy per step for prompt log-probs outside its memory budget, so this bounds scoring memory: 4,096 tokens x
+# 151,936 vocab x 4 B = 2.5 GB. It is vLLM's CPU default; on a GPU vLLM would take 16,384 (about 10 GB).
+SCORING_BATCHED_TOKENS = 4096
+# The config.json keys vLLM reads a model's context length from (the smallest present wins), in vLLM's order.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+# RoPE types whose `factor` vLLM does not multiply into the context length (already scaled in the config).
+_SCALED_ROPE_TYPES = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def on_cpu() -> bool:
@@ -72,41 +97,207 @@ def check_k(k: int, config: dict[str, Any], max_logprobs: int | None = None) -> 
         raise LopdError(f"--k {k} is larger than the engine's max_logprobs ({max_logprobs}); raise --max-logprobs or lower --k")
 
 
+def model_context(config: dict[str, Any]) -> int | None:
+    """The context length vLLM derives from a model's config (None when the config names none; vLLM then
+    assumes 2,048). Mirrors vLLM's rule: the smallest length key present, times a RoPE scaling factor."""
+    text = config.get("text_config") or config
+    lengths = [int(text[k]) for k in CONTEXT_KEYS if isinstance(text.get(k), (int, float))]
+    if not lengths:
+        return None
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    factor = 1.0
+    if rope.get("rope_type", rope.get("type", "default")) not in _SCALED_ROPE_TYPES:
+        factor = float(rope.get("factor") or 1.0)
+    return int(min(lengths) * factor)
+
+
+def engine_context(model: str, config: dict[str, Any], engine_args: Mapping[str, Any]) -> int | None:
+    """The context an engine for `model` will have: `max_model_len` if the user set it, else the model's own.
+
+    Known before the engine starts, so prompts and lengths are checked without paying for engine start-up.
+    """
+    native = model_context(config)
+    requested = engine_args.get("max_model_len")
+    if requested is None:
+        return native
+    if native is not None and requested > native and os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") != "1":
+        raise LopdError(f"--engine-arg max_model_len={requested} exceeds the context of {model} ({native} tokens "
+                        f"in its config.json); use at most {native} (or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1)")
+    return int(requested)
+
+
+def running_context(llm) -> int:
+    """The context length of a running engine."""
+    return int(llm.llm_engine.model_config.max_model_len)
+
+
+@cache
+def engine_arg_types() -> dict[str, Any]:
+    """vLLM's engine options and their types, read from its own `EngineArgs` dataclass (so they follow vLLM)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # vLLM warns about Triton while importing, before its own logging config applies that level.
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
+    from vllm.engine import arg_utils
+
+    types_ = {}
+    for f in fields(arg_utils.EngineArgs):
+        hint = f.type
+        if isinstance(hint, str):
+            try:
+                hint = eval(hint, vars(arg_utils))  # noqa: S307 - vLLM's own annotation text
+            except NameError:
+                hint = Any  # an annotation vLLM only imports for type checkers; the value passes through
+        types_[f.name] = hint
+    return types_
+
+
+def check_engine_args(args: Mapping[str, Any], where: str = "--engine-arg") -> dict[str, Any]:
+    """Engine options checked against vLLM's `EngineArgs`, values typed by its field types, before any engine starts.
+
+    `args` come from `--engine-arg KEY=VALUE` (text) or a pipeline's `[engine]` table (TOML values). An
+    unknown key is a one-line error naming the closest valid keys.
+    """
+    known = engine_arg_types()
+    checked = {}
+    for key, value in args.items():
+        if key in OWNED_ENGINE_ARGS:
+            raise LopdError(f"{where} {key}: lopd sets it from {OWNED_ENGINE_ARGS[key]}; drop it from the engine options")
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "see vllm.engine.arg_utils.EngineArgs for the names"
+            raise LopdError(f"{where} {key}: not a vLLM engine option; {hint}")
+        checked[key] = _typed(key, value, known[key], where)
+    return checked
+
+
+def _typed(key: str, value: Any, hint: Any, where: str) -> Any:
+    """`value` as the field's type wants it: text is parsed, TOML values are checked."""
+    options = _alternatives(hint)
+    if value is None or isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        if type(None) in options:
+            return None
+    for option in sorted(options, key=_parse_order):
+        try:
+            return _as(option, value)
+        except (TypeError, ValueError, KeyError, json.JSONDecodeError):
+            continue
+    raise LopdError(f"{where} {key}={value!r}: expected {_describe(options)}")
+
+
+def _alternatives(hint: Any) -> list[Any]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [a for arg in typing.get_args(hint) for a in _alternatives(arg)]
+    return [hint]
+
+
+def _parse_order(option: Any) -> int:
+    """Most specific first, so "8" is an int before it is a string."""
+    for rank, kind in enumerate((bool, int, float)):
+        if option is kind:
+            return rank
+    return 4 if option is str or option is Any else 3
+
+
+def _as(option: Any, value: Any) -> Any:
+    origin = typing.get_origin(option)
+    if option is type(None):
+        raise ValueError
+    if option is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE + _FALSE:
+            return text in _TRUE
+        raise ValueError
+    if option in (int, float):
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, str):
+            return option(value.strip().replace("_", ""))
+        if option is int and not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            raise ValueError
+        return option(value)
+    if origin is typing.Literal:
+        for choice in typing.get_args(option):
+            if value == choice or isinstance(value, str) and str(choice) == value.strip():
+                return choice
+        raise ValueError
+    if isinstance(option, type) and issubclass(option, enum.Enum):
+        text = str(value).strip()
+        return option[text] if text in option.__members__ else option(text)
+    if option is str:
+        if not isinstance(value, str):
+            raise ValueError
+        return value.strip()
+    if option is Any:
+        return value
+    if origin in (dict, collections.abc.Mapping) or option is dict or origin is None and is_dataclass(option):
+        parsed = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(parsed, dict):
+            raise ValueError
+        return parsed
+    if origin in (list, tuple):
+        parsed = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(parsed, (list, tuple)):
+            raise ValueError
+        return parsed
+    raise ValueError  # callables, classes: not expressible as an option value
+
+
+def _describe(options: list[Any]) -> str:
+    names = []
+    for option in options:
+        if typing.get_origin(option) is typing.Literal:
+            names.append("one of " + ", ".join(map(str, typing.get_args(option))))
+        elif option is type(None):
+            names.append("none")
+        elif isinstance(option, type) and issubclass(option, enum.Enum):
+            names.append("one of " + ", ".join(option.__members__))
+        elif isinstance(option, type) and is_dataclass(option) or typing.get_origin(option) is dict:
+            names.append("a JSON object")
+        else:
+            names.append(getattr(option, "__name__", str(option)))
+    return " or ".join(dict.fromkeys(names))
+
+
+def numeric_engine_args(engine_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine options a rollout or score set's numbers depend on, normalised (dtype aliases resolved)."""
+    aliases = {"half": "float16", "float": "float32"}
+    return {k: aliases.get(engine_args[k], engine_args[k]) for k in NUMERIC_ENGINE_ARGS if k in engine_args}
+
+
 def build_llm(
     model: str,
     *,
     max_logprobs: int = 20,
-    max_model_len: int | None = None,
     seed: int = 0,
-    dtype: str = "auto",
-    max_num_batched_tokens: int | None = None,
-    extra: dict[str, Any] | None = None,
+    engine_args: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ):
-    """A vLLM `LLM` for generation or scoring. Callers must run under `if __name__ == "__main__":`."""
+    """A vLLM `LLM` for generation or scoring. Callers must run under `if __name__ == "__main__":`.
+
+    `defaults` are lopd's own choices for this engine (e.g. scoring's length and chunk size); the user's
+    `engine_args` (already checked by `check_engine_args`) override them. Without `max_model_len` vLLM takes the
+    model's own context length. The resolved arguments are printed once, to stderr.
+    """
     model = resolve_model(model)
     config = model_config(model)
     cpu = on_cpu()
+    kwargs: dict[str, Any] = dict(model=model, dtype="auto", seed=seed, max_logprobs=max(max_logprobs, 1),
+                                  enforce_eager=cpu)
+    kwargs.update(defaults or {})
+    kwargs.update(engine_args or {})
     if cpu:
         check_cpu_head_dim(model, config)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if dtype == "auto":
-            dtype = "float32" if config.get("torch_dtype", config.get("dtype")) in (None, "float32") else "bfloat16"
+        if kwargs["dtype"] == "auto":
+            kwargs["dtype"] = "float32" if config.get("torch_dtype", config.get("dtype")) in (None, "float32") else "bfloat16"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     # Lets `reload_weights` send a function to the engine's own worker process (local IPC only).
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM
 
-    kwargs: dict[str, Any] = dict(
-        model=model,
-        dtype=dtype,
-        seed=seed,
-        max_logprobs=max(max_logprobs, 1),
-        enforce_eager=cpu,
-        max_model_len=max_model_len or min(int(config.get("max_position_embeddings", 4096)), 8192),
-    )
-    if max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = max_num_batched_tokens
-    kwargs.update(extra or {})
+    print("lopd: vLLM engine " + " ".join(f"{k}={v}" for k, v in kwargs.items()), file=sys.stderr)
     return LLM(**kwargs)
 
 
@@ -144,10 +335,11 @@ class EnginePool:
     many checkpoints of one student keep a single engine and reload weights between them.
     """
 
-    def __init__(self, max_logprobs: int = 20, seed: int = 0):
+    def __init__(self, max_logprobs: int = 20, seed: int = 0, engine_args: Mapping[str, Any] | None = None):
         self.max_logprobs = max_logprobs
         self.seed = seed
-        self._engines: dict[str, list] = {}  # architecture key -> [llm, model currently loaded]
+        self.engine_args = dict(engine_args or {})  # every engine's options; `get` may add per-model ones
+        self._engines: dict[str, list] = {}  # architecture + options key -> [llm, model currently loaded]
 
     @staticmethod
     def architecture_key(model: str) -> str:
@@ -156,11 +348,17 @@ class EnginePool:
             config.pop(volatile, None)
         return json.dumps(config, sort_keys=True, default=str)
 
-    def get(self, model: str):
+    def options(self, engine_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The engine options an engine from `get(model, engine_args)` runs with."""
+        return {**self.engine_args, **(engine_args or {})}
+
+    def get(self, model: str, engine_args: Mapping[str, Any] | None = None):
         model = resolve_model(model)
-        key = self.architecture_key(model)
+        options = self.options(engine_args)
+        key = self.architecture_key(model) + json.dumps(options, sort_keys=True, default=str)
         if key not in self._engines:
-            self._engines[key] = [build_llm(model, max_logprobs=self.max_logprobs, seed=self.seed), model]
+            self._engines[key] = [build_llm(model, max_logprobs=self.max_logprobs, seed=self.seed,
+                                            engine_args=options), model]
         entry = self._engines[key]
         if entry[1] != model:
             reload_weights(entry[0], model)

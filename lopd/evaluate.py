@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from lopd.cost.ledger import record_stage
-from lopd.engine import build_llm, resolve_model
+from lopd.engine import build_llm, engine_context, model_config, resolve_model, running_context
 from lopd.errors import LopdError
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.environment import load_environment
-from lopd.rollout import SamplingConfig, encode_prompts, generate_with_tool, load_tokenizer, seeded
+from lopd.rollout import (SamplingConfig, check_max_tokens, check_prompts, encode_prompts, generate_with_tool,
+                          load_tokenizer, seeded)
 from lopd.verifier import load_verifier
 
 
@@ -38,12 +39,14 @@ def evaluate(
     experiment: str = "default",
     prompt_format: PromptFormat = PLAIN,
     tool: str | None = None,
+    engine_args: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Sample `n` responses per prompt and score them. `llm`, if given, must already serve `model` (see EnginePool).
 
     `prompt_format` must be the one the model was trained with (a chat-trained model is evaluated through its
     chat template). `tool` (module:attr) runs the multi-turn tool loop of `lopd rollout --tool`; the verifier
-    then sees the whole response, observations included.
+    then sees the whole response, observations included. `engine_args` are vLLM engine options (checked by
+    `lopd.engine.check_engine_args`); prompts are checked against the engine's context before it starts.
     """
     model = resolve_model(model)
     verify = load_verifier(verifier)
@@ -53,11 +56,14 @@ def evaluate(
     rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
     tokenizer = load_tokenizer(model)
     prompt_ids = encode_prompts(tokenizer, rows, prompt_format)
+    context = running_context(llm) if llm is not None else engine_context(model, model_config(model), engine_args or {})
+    check_max_tokens(max_tokens, context, model)
+    check_prompts(rows, prompt_ids, context, skip_invalid=False)
     with record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec:
+        engine = llm or build_llm(model, seed=seed, engine_args=engine_args)
         if env is None:
-            result = _sample_and_verify(model, rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, llm)
+            result = _sample_and_verify(rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, engine)
         else:
-            engine = llm or build_llm(model, seed=seed)
             sampling = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
             trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, logprobs=False)
             result = _score([(rows[i // n], t.text) for i, t in enumerate(trajectories)], verify)
@@ -66,10 +72,9 @@ def evaluate(
     return result
 
 
-def _sample_and_verify(model, rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, llm) -> EvalResult:
+def _sample_and_verify(rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, engine) -> EvalResult:
     from vllm import SamplingParams
 
-    engine = llm or build_llm(model, seed=seed)
     params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
     outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], seeded(params, seed, len(prompt_ids)),
                               use_tqdm=False)

@@ -7,6 +7,11 @@ reads, so the key changes exactly when its inputs change. Finished stages are re
 whose key is recorded with an existing output, and `--dry-run` prints that plan without running anything.
 Rollout and score stages are content-addressed on top of that: a stage that must run but whose artifact
 already exists costs nothing (a cache hit in the ledger).
+
+vLLM engine options come from an `[engine]` table (every engine), a model's own `engine` table (a [models]
+entry written `{ path = "...", engine = { ... } }`) and a stage's `engine` table, later ones winning; see
+docs/engine.md. Only the options that change numbers (lopd.engine.NUMERIC_ENGINE_ARGS) enter stage keys, so
+moving a teacher to more GPUs does not redo finished stages.
 """
 from __future__ import annotations
 
@@ -23,6 +28,41 @@ from lopd.fingerprint import digest_json
 from lopd.storage import read_json, write_json_atomic
 
 STAGE_KINDS = ("rollout", "score", "train", "eval")
+MODEL_ENTRY_KEYS = ("path", "engine")
+
+
+def model_source(name: str, entry: Any) -> str:
+    """A [models] entry's path or hub name: the entry itself, or the `path` of a `{ path, engine }` table."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= set(MODEL_ENTRY_KEYS):
+        return entry["path"]
+    raise LopdError(f"pipeline model {name!r}: expected a path or hub name, or a table with `path` and optionally "
+                    f"`engine` (vLLM engine options), got {entry!r}")
+
+
+def engine_tables(spec: dict[str, Any], params: dict[str, Any], model_ref: str | None,
+                  stage_id: str) -> list[tuple[str, dict]]:
+    """The engine option tables that apply to one engine, weakest first: global, the model's, the stage's."""
+    entry = spec.get("models", {}).get(model_ref) if model_ref else None
+    tables = [("pipeline [engine]", spec.get("engine")),
+              (f"pipeline model {model_ref!r} engine", entry.get("engine") if isinstance(entry, dict) else None),
+              (f"pipeline stage {stage_id!r} engine", params.get("engine"))]
+    for where, table in tables:
+        if table is not None and not isinstance(table, dict):
+            raise LopdError(f"{where}: expected a table of vLLM engine options (e.g. tensor_parallel_size = 4)")
+    return [(where, table) for where, table in tables if table]
+
+
+def stage_engine_args(spec: dict[str, Any], params: dict[str, Any], model_ref: str | None = None,
+                      stage_id: str = "?") -> dict[str, Any]:
+    """A stage's engine options for the engine of `model_ref`, checked and typed by vLLM's EngineArgs."""
+    from lopd.engine import check_engine_args
+
+    merged: dict[str, Any] = {}
+    for where, table in engine_tables(spec, params, model_ref, stage_id):
+        merged.update(check_engine_args(table, where))
+    return merged
 
 
 def load_spec(path: str | Path) -> dict[str, Any]:
@@ -86,9 +126,12 @@ REFERENCE_FIELDS = {"rollout": ("model",), "score": ("teacher", "rollouts"),
 
 def resolve_dependencies(stages: list[Stage], spec: dict[str, Any]) -> None:
     """Fill `reads` and each stage's key (hash of its params, the models/prompts it names and its inputs' keys)."""
+    from lopd.engine import numeric_engine_args
+
     models = spec.get("models", {})
     prompts = spec.get("prompts", {})
     by_id: dict[str, Stage] = {}
+    model_keys = {m: _model_key(spec, m) for m in models}
     for stage in stages:
         for name in REFERENCE_FIELDS[stage.kind]:
             refs = stage.params.get(name)
@@ -101,11 +144,25 @@ def resolve_dependencies(stages: list[Stage], spec: dict[str, Any]) -> None:
                 stage.reads += matched
         if "prompts" in stage.params and stage.params["prompts"] not in prompts:
             raise LopdError(f"pipeline stage {stage.id!r}: prompts {stage.params['prompts']!r} is not in [prompts]")
-        stage.key = digest_json({
-            "kind": stage.kind, "params": stage.params, "inputs": [by_id[r].key for r in stage.reads],
-            "models": {m: models[m] for m in models}, "prompts": prompts.get(stage.params.get("prompts")),
-        })
+        content = {
+            "kind": stage.kind, "params": {k: v for k, v in stage.params.items() if k != "engine"},
+            "inputs": [by_id[r].key for r in stage.reads], "models": model_keys,
+            "prompts": prompts.get(stage.params.get("prompts")),
+        }
+        numeric = numeric_engine_args(stage_engine_args(spec, stage.params, stage_id=stage.id))
+        if numeric:  # only when set, so pipelines without engine options keep their stage keys
+            content["engine"] = numeric
+        stage.key = digest_json(content)
         by_id[stage.id] = stage
+
+
+def _model_key(spec: dict[str, Any], name: str) -> Any:
+    """What a [models] entry contributes to stage keys: its path, plus its engine options that change numbers."""
+    from lopd.engine import numeric_engine_args
+
+    source = model_source(name, spec["models"][name])
+    numeric = numeric_engine_args(stage_engine_args({"models": spec["models"]}, {}, name))
+    return {"path": source, "engine": numeric} if numeric else source
 
 
 class RunState:

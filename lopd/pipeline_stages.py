@@ -10,7 +10,7 @@ from lopd.cache.reader import open_cache
 from lopd.engine import EnginePool
 from lopd.errors import LopdError
 from lopd.evaluate import evaluate
-from lopd.pipeline import ATTACHED_STAGE_KEYS, Plan, Stage
+from lopd.pipeline import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, stage_engine_args
 from lopd.prompts import PromptFormat, load_prompts
 from lopd.refresh import RefreshContext
 from lopd.rollout import SamplingConfig, encode_prompts, load_tokenizer, rollout
@@ -53,6 +53,11 @@ class StageRunner:
         if self.pool is None:
             self.pool = EnginePool(max_logprobs=int(self.spec.get("max_logprobs", 64)))
         return self.pool
+
+    def engine(self, stage: Stage, ref: str, model: str):
+        """The pooled engine serving `model` (named `ref` in the pipeline) for `stage`, and its engine options."""
+        options = stage_engine_args(self.spec, stage.params, ref, stage.id)
+        return self.engines().get(model, options), options
 
     def close(self) -> None:
         if self.pool is not None:
@@ -99,7 +104,7 @@ class StageRunner:
     def model_path(self, ref: str, outputs: dict[str, dict[str, Any]]) -> str:
         if ref in outputs:
             return outputs[ref]["path"]
-        return resolve_model_ref(self.spec["models"][ref])
+        return resolve_model_ref(model_source(ref, self.spec["models"][ref]))
 
     def experiment(self, plan: Plan, stage: Stage) -> str:
         return f"{self.spec['name']}/seed{plan.seed}/{stage.id}"
@@ -108,18 +113,20 @@ class StageRunner:
     def run_rollout(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
         p = stage.params
         model = self.model_path(p["model"], outputs)
+        llm, options = self.engine(stage, p["model"], model)
         rollouts, reused = rollout(model, self.prompts(p["prompts"]), pick(SamplingConfig, p), root=self.root,
-                                   verifier=p.get("verifier"), llm=self.engines().get(model),
-                                   experiment=self.experiment(plan, stage), prompt_format=pick(PromptFormat, p),
-                                   tool=p.get("tool"), judge=p.get("judge"))
+                                   verifier=p.get("verifier"), llm=llm, experiment=self.experiment(plan, stage),
+                                   prompt_format=pick(PromptFormat, p), tool=p.get("tool"), judge=p.get("judge"),
+                                   engine_args=options)
         return {"path": str(rollouts.path), "id": rollouts.id, "reused": reused}
 
     def run_score(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
         p = stage.params
         teacher = self.model_path(p["teacher"], outputs)
         rollouts = RolloutSet.open(outputs[p["rollouts"]]["path"])
-        result = score(teacher, rollouts, pick(ScoreConfig, p), root=self.root, llm=self.engines().get(teacher),
-                       experiment=self.experiment(plan, stage))
+        llm, options = self.engine(stage, p["teacher"], teacher)
+        result = score(teacher, rollouts, pick(ScoreConfig, p), root=self.root, llm=llm,
+                       experiment=self.experiment(plan, stage), engine_args=options)
         return {"path": str(result.path), "id": result.id, "reused": result.reused,
                 "teacher_seconds": result.teacher_seconds}
 
@@ -141,7 +148,7 @@ class StageRunner:
         refresh = None
         if config.refresh:
             refresh = RefreshContext(self.model_path(p["teacher"], outputs), self.engines(), self.root,
-                                     self.experiment(plan, stage))
+                                     self.experiment(plan, stage), stage_engine_args(self.spec, p, None, stage.id))
         result = train(student, source, config, out_dir / stage.id, batches=batches, root=self.root,
                        experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh)
         return {"path": str(result.checkpoint), "steps": result.steps, "tokens": result.tokens, **result.refresh}
@@ -162,10 +169,11 @@ class StageRunner:
         results = {}
         for ref in refs:
             model = self.model_path(ref, outputs)
+            llm, options = self.engine(stage, ref, model)
             results[ref] = evaluate(model, self.prompts(p["prompts"]), p["verifier"], n=int(p.get("n", 1)),
                                     temperature=float(p.get("temperature", 1.0)), max_tokens=int(p.get("max_tokens", 32)),
-                                    llm=self.engines().get(model), root=self.root, prompt_format=pick(PromptFormat, p),
-                                    tool=p.get("tool"),
+                                    llm=llm, root=self.root, prompt_format=pick(PromptFormat, p),
+                                    tool=p.get("tool"), engine_args=options,
                                     experiment=f"{self.spec['name']}/seed{plan.seed}/{ref}").as_dict()
         path = out_dir / f"{stage.id}.json"
         write_json_atomic(path, results)

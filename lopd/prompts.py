@@ -47,7 +47,8 @@ PLAIN = PromptFormat()
 
 def load_prompts(source: str | Path, prompt_field: str = "prompt",
                  answer_field: str = DEFAULT_ANSWER_FIELD) -> list[dict[str, Any]]:
-    """Rows with normalised keys `id`, `prompt`, `answer` (plus every original field, for verifiers).
+    """Rows with normalised keys `id`, `prompt`, `answer` (plus every original field, for verifiers), and
+    `_where` (source and line or row) so a later check, e.g. of the prompt's length, can name the record.
 
     `source` is a file (format by extension), a `datasets` directory, or `hf:NAME[:CONFIG]:SPLIT` on the hub.
     The answer is optional per row (generation needs none), but a non-default `answer_field` that no row has
@@ -164,7 +165,8 @@ def _normalise(name: str, where: str, record: Any, prompt_field: str, answer_fie
         fields = _fields(record) if isinstance(record, dict) else "none"
         raise LopdError(f"prompts {name} {where} has no string field {prompt_field!r} (fields: {fields}); "
                         f"pass --prompt-field to name the field that holds the prompt")
-    return dict(record, id=str(record["id"]), prompt=record[prompt_field], answer=record.get(answer_field))
+    return dict(record, id=str(record["id"]), prompt=record[prompt_field], answer=record.get(answer_field),
+                _where=f"{name} {where}")
 
 
 def _fields(record: dict[str, Any]) -> str:

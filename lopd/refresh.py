@@ -25,12 +25,16 @@ from lopd.train.data import SequenceDataset
 
 @dataclass
 class RefreshContext:
-    """What a refreshing trainer needs beyond the cache: the teacher and engines to run it and the student on."""
+    """What a refreshing trainer needs beyond the cache: the teacher and engines to run it and the student on.
+
+    `engine_args` are vLLM engine options for this run's engines on top of the pool's own (a pipeline stage's).
+    """
 
     teacher: str
     pool: EnginePool
     root: Path
     experiment: str = "default"
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,15 +64,18 @@ class Refresher:
                     "answer": table.column("answer")[r].as_py(), "prompt_ids": original.prompt_ids[r]} for r in rows]
         start = time.perf_counter()
         pool, ctx = self.context.pool, self.context
+        options = pool.options(ctx.engine_args)
         new_rollouts, _ = rollout(str(student), prompts, SamplingConfig(**sampling), root=ctx.root,
-                                  verifier=original.meta.get("verifier") or None, llm=pool.get(str(student)),
-                                  quiet=True, experiment=ctx.experiment,
-                                  tool=(original.meta.get("tool") or {}).get("spec"), judge=original.meta.get("judge"))
+                                  verifier=original.meta.get("verifier") or None,
+                                  llm=pool.get(str(student), ctx.engine_args), quiet=True, experiment=ctx.experiment,
+                                  tool=(original.meta.get("tool") or {}).get("spec"), judge=original.meta.get("judge"),
+                                  engine_args=options)
         self.rollout_seconds += time.perf_counter() - start
         config = self.cache.manifest["config"]
         scored = score(ctx.teacher, new_rollouts, ScoreConfig(k=config["k"], logprob_dtype=config["logprob_dtype"],
                                                               rows_per_shard=max(len(rows), 1)),
-                       root=ctx.root, llm=pool.get(ctx.teacher), quiet=True, experiment=ctx.experiment)
+                       root=ctx.root, llm=pool.get(ctx.teacher, ctx.engine_args), quiet=True, experiment=ctx.experiment,
+                       engine_args=options)
         self.teacher_seconds += scored.teacher_seconds
         fresh = open_cache(scored.path)
         for j, row in enumerate(rows):

@@ -6,12 +6,14 @@ of the model itself, so importance weights pi_theta / pi_behaviour start at exac
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from lopd.cost.ledger import record_stage
-from lopd.engine import build_llm, resolve_model
+from lopd.engine import (build_llm, engine_context, model_config, numeric_engine_args, resolve_model,
+                         running_context)
 from lopd.environment import Environment, describe, load_environment
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
@@ -76,21 +78,30 @@ def rollout(
     prompt_format: PromptFormat = PLAIN,
     tool: str | None = None,
     judge: str | None = None,
+    engine_args: Mapping[str, Any] | None = None,
+    skip_invalid: bool = False,
 ) -> tuple[RolloutSet, bool]:
     """Generate (or find already generated) rollouts. Returns the set and whether it was reused.
 
     `tool` (module:attr) names a tool environment (lopd.environment): generation then runs multi-turn, the
     environment's observations are spliced into each response and `step_spans` records the model's own
-    spans. `judge` (module:function) fills `rubric_reward` with a rubric score in [0, 1].
+    spans. `judge` (module:function) fills `rubric_reward` with a rubric score in [0, 1]. `engine_args` are
+    vLLM engine options (checked by `lopd.engine.check_engine_args`; with `llm`, the ones it was built with).
+    Prompts are checked against the engine's context before it starts: an empty or over-long prompt is an
+    error naming it, or, with `skip_invalid`, left out and counted in the set's metadata.
     """
     prompt_format.validate()
     model = resolve_model(model)
+    engine_args = dict(engine_args or {})
     rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
     env = load_environment(tool)
     tokenizer = load_tokenizer(model)
     prompt_ids = encode_prompts(tokenizer, rows, prompt_format)
+    context = running_context(llm) if llm is not None else engine_context(model, model_config(model), engine_args)
+    check_max_tokens(sampling.max_tokens, context, model)
+    rows, prompt_ids, skipped = check_prompts(rows, prompt_ids, context, skip_invalid)
     identity = rollout_identity(model, tokenizer, sampling, rows, prompt_ids, verifier, prompt_format,
-                                tool=tool, env=env, judge=judge)
+                                tool=tool, env=env, judge=judge, engine_args=engine_args)
     set_id = "r-" + digest_json(identity)
     path = Path(out) if out else rollouts_dir(root) / set_id
     if (path / "meta.json").is_file():
@@ -102,10 +113,16 @@ def rollout(
     verify = load_verifier(verifier)
     rubric = load_judge(judge)
     with record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec:
+        engine = llm or build_llm(model, seed=sampling.seed, engine_args=engine_args)
+        if running_context(engine) != context:  # vLLM also reads limits lopd does not (e.g. the tokenizer's)
+            check_max_tokens(sampling.max_tokens, running_context(engine), model)
+            check_prompts(rows, prompt_ids, running_context(engine), skip_invalid=False)
         if env is None:
-            rollouts = _generate(model, rows, prompt_ids, tokenizer, sampling, verify, llm, quiet)
+            rollouts = _generate(engine, rows, prompt_ids, tokenizer, sampling, verify, quiet)
         else:
-            rollouts = _generate_with_tool(model, rows, prompt_ids, tokenizer, sampling, verify, env, llm, quiet)
+            trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, quiet=quiet)
+            rollouts = rollout_records(rows, prompt_ids, trajectories, sampling.n, verify)
+        truncated = length_report(rollouts, running_context(engine), sampling.max_tokens)
         if rubric is not None:
             for record in rollouts:
                 record["rubric_reward"] = float(rubric(rows[record["group_id"]], record["text"]))
@@ -113,17 +130,78 @@ def rollout(
             del record["text"]
         rec.tokens = sum(len(r["response_ids"]) for r in rollouts)
     meta = dict(identity, id=set_id, model=model, lineage=read_lineage(model), engine=engine_version(),
-                prompt_format=asdict(prompt_format), vocab_fingerprint=vocabulary_fingerprint(tokenizer))
+                prompt_format=asdict(prompt_format), vocab_fingerprint=vocabulary_fingerprint(tokenizer),
+                truncated=truncated, skipped_prompts=skipped)
     return write_rollout_set(path, rollouts, meta), False
+
+
+# Positions a rollout leaves free at the end of the context: scoring a row asks vLLM for one output token after
+# it, so a row that filled the context could not be scored by a teacher with the same context.
+SCORING_ROOM = 1
+
+
+def check_max_tokens(max_tokens: int, context: int | None, model: str) -> None:
+    if context is not None and max_tokens >= context:
+        raise LopdError(f"--max-tokens {max_tokens} does not fit the context of {model} ({context} tokens, prompt "
+                        f"included); lower --max-tokens or raise --engine-arg max_model_len")
+
+
+def check_prompts(rows: list[dict[str, Any]], prompt_ids: list[list[int]], context: int | None,
+                  skip_invalid: bool) -> tuple[list[dict[str, Any]], list[list[int]], dict[str, Any]]:
+    """Drop (with `skip_invalid`) or refuse prompts vLLM would fail on mid-run, killing the whole rollout.
+
+    A prompt is empty (no text or no tokens) or too long: it must leave room for one generated token and
+    SCORING_ROOM. Returns the rows kept, their ids and what was skipped (counts and the first ids) for the
+    set's metadata.
+    """
+    longest = None if context is None else context - 1 - SCORING_ROOM
+    kept_rows, kept_ids, skipped = [], [], {"empty": 0, "too_long": 0, "ids": []}
+    for row, ids in zip(rows, prompt_ids):
+        where = f"prompt {row['id']}" + (f" ({row['_where']})" if row.get("_where") else "")
+        if not ids or not str(row.get("prompt", "x")).strip():
+            problem, message = "empty", f"{where} is empty"
+        elif longest is not None and len(ids) > longest:
+            problem = "too_long"
+            message = (f"{where} has {len(ids)} tokens; the engine's context of {context} leaves room for prompts "
+                       f"of at most {longest} (one generated token and one for scoring)")
+        else:
+            kept_rows.append(row)
+            kept_ids.append(ids)
+            continue
+        if not skip_invalid:
+            raise LopdError(f"{message}; fix or remove it, or pass --skip-invalid to leave such prompts out")
+        skipped[problem] += 1
+        if len(skipped["ids"]) < 20:
+            skipped["ids"].append(row["id"])
+    if not kept_rows:
+        raise LopdError(f"every prompt is empty or too long for the engine's context ({context} tokens); "
+                        f"nothing to roll out")
+    return kept_rows, kept_ids, skipped
+
+
+def length_report(records: list[dict[str, Any]], context: int, max_tokens: int) -> dict[str, int]:
+    """Counts rollouts cut off by the length limit and warns once: a cut-off response is not a finished answer.
+
+    `at_context`: cut by the engine's context (prompt + response filled it), the rest by --max-tokens.
+    """
+    cut = [r for r in records if r["finish_reason"] == "length"]
+    at_context = sum(len(r["prompt_ids"]) + len(r["response_ids"]) >= context - SCORING_ROOM for r in cut)
+    if cut:
+        print(f"warning: {len(cut)} of {len(records)} rollouts stopped at the length limit ({at_context} at the "
+              f"engine context of {context} tokens, {len(cut) - at_context} at --max-tokens {max_tokens}); their "
+              f"responses are cut off: raise --max-tokens or --engine-arg max_model_len", file=sys.stderr)
+    return {"length": len(cut), "at_context": at_context, "max_model_len": context}
 
 
 def rollout_identity(model: str, tokenizer, sampling: SamplingConfig, rows: list[dict[str, Any]],
                      prompt_ids: list[list[int]], verifier: str | None, prompt_format: PromptFormat, *,
-                     tool: str | None = None, env: Environment | None = None, judge: str | None = None) -> dict[str, Any]:
+                     tool: str | None = None, env: Environment | None = None, judge: str | None = None,
+                     engine_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything that determines a rollout set; its hash is the set id.
 
-    The prompt format enters only when it is a chat format, and the tool environment and judge only when
-    used, so plain-text single-turn rollout sets keep the ids they had before (their caches stay reachable).
+    The prompt format enters only when it is a chat format, the tool environment and judge only when used,
+    and engine options only those that change the numbers (lopd.engine.NUMERIC_ENGINE_ARGS) and only when set,
+    so plain-text single-turn rollout sets keep the ids they had before (their caches stay reachable).
     """
     identity = {
         "kind": "rollouts",
@@ -139,20 +217,24 @@ def rollout_identity(model: str, tokenizer, sampling: SamplingConfig, rows: list
         identity["tool"] = dict(describe(env) if env is not None else {}, spec=tool)
     if judge:
         identity["judge"] = judge
+    if numeric_engine_args(engine_args or {}):
+        identity["engine_args"] = numeric_engine_args(engine_args or {})
     return identity
 
 
-def _generate(model, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, llm, quiet) -> list[dict[str, Any]]:
-    """One vLLM call over every prompt; one record per sampled response."""
+def _generate(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, quiet) -> list[dict[str, Any]]:
+    """One vLLM call over every prompt; one record per sampled response, none longer than the context allows."""
     from vllm import SamplingParams
 
-    engine = llm or build_llm(model, seed=sampling.seed)
     params = SamplingParams(
         n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
         logprobs=0, flat_logprobs=True,
     )
-    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], seeded(params, sampling.seed, len(prompt_ids)),
-                              use_tqdm=not quiet)
+    per_request = seeded(params, sampling.seed, len(prompt_ids))
+    room = running_context(engine) - SCORING_ROOM
+    for p, ids in zip(per_request, prompt_ids):
+        p.max_tokens = min(p.max_tokens, room - len(ids))
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], per_request, use_tqdm=not quiet)
 
     samples: list[Trajectory] = []
     for row, ids, request in zip(rows, prompt_ids, outputs):
@@ -193,14 +275,6 @@ def rollout_records(rows, prompt_ids, samples: list["Trajectory"], n: int, verif
     return records
 
 
-def _generate_with_tool(model, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, env: Environment, llm,
-                        quiet) -> list[dict[str, Any]]:
-    """Multi-turn rollouts: n separate requests per prompt (same group id), the tool's observations spliced in."""
-    engine = llm or build_llm(model, seed=sampling.seed)
-    trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, quiet=quiet)
-    return rollout_records(rows, prompt_ids, trajectories, sampling.n, verify)
-
-
 @dataclass
 class Trajectory:
     """One sampled response: the model's tokens and, with a tool, the environment's observations interleaved."""
@@ -229,7 +303,7 @@ def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list
     base = SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=1,
                           stop=list(env.stop), include_stop_str_in_output=True,
                           logprobs=0 if logprobs else None, flat_logprobs=logprobs)
-    max_len = _max_model_len(engine)
+    max_len = running_context(engine) - SCORING_ROOM
     limits = _scheduler_limits(engine)
     requests = [(g, ids) for g, ids in enumerate(prompt_ids) for _ in range(n)]
     out = [Trajectory() for _ in requests]
@@ -239,8 +313,7 @@ def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list
         for r in active:
             context = requests[r][1] + out[r].response_ids
             budget = sampling.max_tokens - len(out[r].response_ids)
-            if max_len:
-                budget = min(budget, max_len - len(context))
+            budget = min(budget, max_len - len(context))
             if budget <= 0:
                 out[r].finish_reason = "length"
                 continue
@@ -278,8 +351,7 @@ def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list
             t.calls += 1
             obs_ids = list(tokenizer(observation, add_special_tokens=False)["input_ids"])
             room = sampling.max_tokens - len(t.response_ids)
-            if max_len:
-                room = min(room, max_len - len(requests[r][1]) - len(t.response_ids))
+            room = min(room, max_len - len(requests[r][1]) - len(t.response_ids))
             t.response_ids += obs_ids[: max(room, 0)]
             t.logprobs += [0.0] * min(len(obs_ids), max(room, 0))
             if len(obs_ids) >= room:
@@ -325,13 +397,6 @@ def _step_sized_chunks(lengths: list[int], max_tokens: int, max_seqs: int) -> li
     if lo < len(lengths):
         chunks.append((lo, len(lengths)))
     return chunks
-
-
-def _max_model_len(engine) -> int | None:
-    try:
-        return int(engine.llm_engine.model_config.max_model_len)
-    except AttributeError:
-        return None
 
 
 def sampled_logprobs(logprobs, response: list[int]) -> list[float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -20,7 +20,8 @@ from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
 from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, scores_dir
 from lopd.contexts import expand_context, teacher_prompts
 from lopd.cost.ledger import record_stage
-from lopd.engine import build_llm, check_k, model_config, resolve_model, vocab_size
+from lopd.engine import (SCORING_BATCHED_TOKENS, build_llm, check_k, engine_context, model_config,
+                         numeric_engine_args, resolve_model, running_context, vocab_size)
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
 from lopd.guards import rollout_vocabulary
@@ -75,8 +76,13 @@ def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
         )
 
 
-def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: ScoreConfig) -> dict:
-    """Everything that determines a score set's numbers; its hash is the score set id."""
+def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: ScoreConfig,
+                       engine_args: Mapping[str, Any] | None = None) -> dict:
+    """Everything that determines a score set's numbers; its hash is the score set id.
+
+    Engine options enter only those that change the numbers (dtype, quantization, length, KV-cache dtype) and
+    only when set, so score sets made without engine options keep their ids.
+    """
     identity = {
         "kind": "score_set",
         "rollout_set": {"id": rollouts.id, "content_digest": rollouts.meta["content_digest"]},
@@ -87,6 +93,8 @@ def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: Sc
     }
     if config.context_slice:  # only when set, so score sets made before slices existed keep their ids
         identity["config"]["context_slice"] = config.context_slice
+    if numeric_engine_args(engine_args or {}):
+        identity["config"]["engine_args"] = numeric_engine_args(engine_args or {})
     return identity
 
 
@@ -101,8 +109,16 @@ def score(
     llm=None,
     quiet: bool = False,
     experiment: str = "default",
+    engine_args: Mapping[str, Any] | None = None,
 ) -> ScoreResult:
+    """Score (or find already scored) `rollouts` with `teacher`. `engine_args` are vLLM engine options (checked by
+    `lopd.engine.check_engine_args`; with `llm`, the ones it was built with).
+
+    The engine's context is sized from the longest stored row (prompt + response + the one output token vLLM
+    requires), unless `max_model_len` is given; a row that cannot fit is an error before anything is written.
+    """
     config.validate()
+    engine_args = dict(engine_args or {})
     teacher = resolve_model(teacher)
     teacher_config = model_config(teacher)
     check_k(config.k, teacher_config, max_logprobs=llm.llm_engine.model_config.max_logprobs if llm else None)
@@ -110,7 +126,7 @@ def score(
     check_same_vocabulary(tokenizer, rollouts)
     vocab = vocab_size(teacher_config)
 
-    header = score_set_identity(teacher, tokenizer, rollouts, config)
+    header = score_set_identity(teacher, tokenizer, rollouts, config, engine_args)
     set_id = "s-" + digest_json(header)
     path = Path(out) if out else scores_dir(root) / set_id
     manifest_path = path / MANIFEST
@@ -121,6 +137,11 @@ def score(
                 rec.cache_hit = True
             return ScoreResult(path, set_id, True, 0.0, sum(s["positions"] for s in existing["shards"].values()))
 
+    prompts = rollouts.prompt_ids
+    if config.context or config.context_slice:
+        rows = rollouts.table.select(["prompt_id", "prompt", "answer"]).to_pylist()
+        prompts = teacher_prompts(tokenizer, rows, prompts, config.context, config.context_slice)
+    needed = check_rows_fit(teacher, teacher_config, rollouts, prompts, engine_args, llm)
     rollout_path = Path(rollouts.path).resolve()
     header = dict(header, id=set_id, vocab_size=vocab, id_dtype=str(id_dtype(vocab)), num_rows=len(rollouts))
     header["teacher"]["model"] = teacher  # where it was loaded from: informative, not part of the id
@@ -129,7 +150,9 @@ def score(
     plans = writer.plan(len(rollouts), shard_of)
 
     with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
-        result = _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, set_id, llm, quiet)
+        engine = llm or build_llm(teacher, max_logprobs=config.k, engine_args=engine_args,
+                                  defaults={"max_model_len": needed, "max_num_batched_tokens": SCORING_BATCHED_TOKENS})
+        result = _score_shards(writer, plans, teacher_config, rollouts, prompts, config, vocab, set_id, engine, quiet)
         rec.tokens = result.positions
     manifest = writer.finish(len(rollouts))
     if not manifest.get("complete") and shard_of == (0, 1):
@@ -137,12 +160,31 @@ def score(
     return result
 
 
-def _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, set_id, llm, quiet) -> ScoreResult:
-    prompts = rollouts.prompt_ids
-    if config.context or config.context_slice:
-        rows = rollouts.table.select(["prompt_id", "prompt", "answer"]).to_pylist()
-        prompts = teacher_prompts(load_tokenizer(teacher), rows, prompts, config.context, config.context_slice)
-    engine = llm or build_llm(teacher, max_logprobs=config.k)
+def check_rows_fit(teacher: str, teacher_config: dict, rollouts: RolloutSet, prompts: list[np.ndarray],
+                   engine_args: Mapping[str, Any], llm) -> int:
+    """The context scoring needs: the longest row (teacher prompt + stored response) plus the one output token
+    vLLM requires. Refuses, naming the row, when that exceeds the engine's context (a running `llm`'s, the
+    user's `max_model_len`, else the teacher's own), so no shard of an unscoreable set is ever written."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, rollouts.response_ids)]
+    row = int(np.argmax(lengths)) if lengths else 0
+    needed = (lengths[row] if lengths else 0) + 1
+    if llm is not None:
+        context = running_context(llm)
+        fix = f"start the scoring engine with --engine-arg max_model_len={needed} or more"
+    elif "max_model_len" in engine_args:
+        context = engine_context(teacher, teacher_config, engine_args)
+        fix = f"raise --engine-arg max_model_len to {needed} or more"
+    else:
+        context = engine_context(teacher, teacher_config, engine_args)
+        fix = f"this teacher cannot score it; use one whose context is {needed} tokens or more"
+    if context is not None and needed > context:
+        prompt_id = rollouts.table.column("prompt_id")[row].as_py()
+        raise LopdError(f"rollout row {row} (prompt {prompt_id}) has {lengths[row]} tokens and scoring it needs "
+                        f"{needed}, more than the engine's context of {context}; {fix}")
+    return needed
+
+
+def _score_shards(writer, plans, teacher_config, rollouts, prompts, config, vocab, set_id, engine, quiet) -> ScoreResult:
     check_k(config.k, teacher_config, max_logprobs=engine.llm_engine.model_config.max_logprobs)
     todo = writer.pending(plans)
     total = sum(len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i])

@@ -34,7 +34,8 @@ def test_recipe_plans_and_every_key_is_known(tmp_path):
     stages = plan(load_spec(RECIPE), tmp_path)[0].stages
     assert [s.kind for s in stages] == ["rollout", "train", "rollout", "score", "train", "eval"]
     for stage in stages:
-        unknown = set(stage.params) - STAGE_KEYS[stage.kind] - {"seed"}  # the planner gives every stage its seed
+        # the planner gives every stage its seed; `engine` is the stage's vLLM engine options (docs/engine.md)
+        unknown = set(stage.params) - STAGE_KEYS[stage.kind] - {"seed", "engine"}
         assert not unknown, f"stage {stage.id}: unknown keys {unknown}"
         if stage.kind in ("rollout", "eval"):
             assert stage.params["chat"] is True

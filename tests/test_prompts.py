@@ -186,6 +186,9 @@ class RecordingEngine:
         self.sent: list[list[int]] = []
         self.generated_from: list[list[int]] = []
 
+    def __getattr__(self, name):  # the engine's configuration (context length, scheduler limits)
+        return getattr(self.llm, name)
+
     def generate(self, prompts, params, use_tqdm=False):
         outputs = self.llm.generate(prompts, params, use_tqdm=use_tqdm)
         self.sent = [list(p["prompt_token_ids"]) for p in prompts]
