@@ -266,7 +266,7 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
                 for field, ref in (("base_logprobs", base_ref), ("contrast_logprobs", contrast_ref)) if ref}
     result = run(student, source, config, Path(out), root=root, experiment=experiment, attached=attached,
                  refresh_context=context)
-    emit({"checkpoint": result.checkpoint, "steps": result.steps, "tokens": result.tokens,
+    emit({"checkpoint": result.checkpoint, "model": result.model, "steps": result.steps, "tokens": result.tokens,
           "seconds": round(result.seconds, 1), "final": result.final_metrics})
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,8 @@ class StageRunner:
         p = dict(stage.params)
         student = self.model_path(p["student"], outputs)
         config = pick(TrainConfig, p)
+        if config.lora_rank:  # later stages load this model with vLLM: keep the merged model beside the adapter
+            config = replace(config, merge_lora=True)
         batches = None
         if p.get("online"):
             source = None
@@ -151,7 +153,8 @@ class StageRunner:
                                      self.experiment(plan, stage), stage_engine_args(self.spec, p, None, stage.id))
         result = train(student, source, config, out_dir / stage.id, batches=batches, root=self.root,
                        experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh)
-        return {"path": str(result.checkpoint), "steps": result.steps, "tokens": result.tokens, **result.refresh}
+        return {"path": str(result.model), "checkpoint": str(result.checkpoint), "steps": result.steps,
+                "tokens": result.tokens, **result.refresh}
 
     def online_sampler(self, p: dict[str, Any], student: str, outputs, config: TrainConfig) -> OnlineSampler:
         """Online-OPD baseline: fresh samples from the model being trained, scored live by the teacher."""

@@ -52,6 +52,12 @@ class TrainResult:
     final_metrics: dict[str, float]
     refresh: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def model(self) -> Path:
+        """What vLLM or transformers loads: the merged full model of a `--merge-lora` run, else the checkpoint."""
+        merged = self.checkpoint / MERGED_DIR
+        return merged if merged.is_dir() else self.checkpoint
+
 
 def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
     micro = config.micro_batch_size or max(1, config.batch_size // world)
