@@ -21,7 +21,7 @@ from lopd.losses import REGISTRY, LossInputs, get_loss
 from lopd.losses.student import StudentLogprobs
 
 # The divergence references of registry I serve here too (they are shape-agnostic).
-from test_losses_reference import for_request, positions, ref_jsd, ref_mean, ref_probs, ref_support
+from test_losses_reference import for_request, positions, ref_jsd, ref_mean, ref_opsd_term, ref_probs, ref_support
 
 T, V, K = 8, 10, 4
 EPS = 1e-6  # tail floor of the top-k support
@@ -252,17 +252,12 @@ def ref_rlcsd(inp: LossInputs, grpo_weight, coef, clip, normalize_std, clip_low,
     return ref_pg(inp, advantage, clip_low, clip_high)
 
 
-def ref_opsd_term(inp: LossInputs, b: int, t: int, beta: float, tau: float) -> torch.Tensor:
-    div = ref_jsd(*ref_support(inp, b, t, tail=False), beta)
-    return torch.tensor(tau, dtype=F64) if tau > 0 and div.item() > tau else div
-
-
-def ref_sdar(inp: LossInputs, tau, lam, beta, opsd_tau, normalize_std, clip_low, clip_high) -> torch.Tensor:
+def ref_sdar(inp: LossInputs, tau, lam, beta, opsd_tau, opsd_clip, normalize_std, clip_low, clip_high) -> torch.Tensor:
     policy = ref_grpo(inp, normalize_std, clip_low, clip_high)
 
     def term(b, t):
         gate = 1.0 / (1.0 + math.exp(-gap(inp, b, t) / tau))
-        return gate * ref_opsd_term(inp, b, t, beta, opsd_tau)
+        return gate * ref_opsd_term(inp, b, t, beta, opsd_tau, opsd_clip)
 
     return policy + lam * ref_mean(positions(inp), term)
 
@@ -325,6 +320,7 @@ CASES: list[tuple[str, dict]] = [
     ("sdar", {}),
     ("sdar", {"tau": 0.3, "lam": 1.0, "beta": 0.5, "opsd_tau": 0.03}),
     ("sdar", {"opsd_tau": 0.0}),
+    ("sdar", {"opsd_clip": "element", "opsd_tau": 0.01}),
     ("sdpo", {}),
     ("sdpo", {"alpha": 0.0}),
     ("sdpo", {"alpha": 1.0}),

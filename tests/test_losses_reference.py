@@ -239,12 +239,30 @@ def ref_entropy_aware(inp: LossInputs, h_max, tail) -> torch.Tensor:
     return ref_mean(positions(inp), term)
 
 
-def ref_opsd(inp: LossInputs, beta, tau) -> torch.Tensor:
-    def term(b, t):
-        div = ref_jsd(*ref_support(inp, b, t), beta)
-        return torch.tensor(tau, dtype=F64) if tau > 0 and div.item() > tau else div
+def ref_jsd_terms(student: list, teacher: list, beta: float) -> list:
+    """JSD_beta's terms, one per support element (their sum is ref_jsd)."""
+    def kl_term(p, q):
+        return p * torch.log(p / q)
 
-    return ref_mean(positions(inp), term)
+    if beta == 0.0:
+        return [kl_term(p, q) for p, q in zip(teacher, student)]
+    if beta == 1.0:
+        return [kl_term(q, p) for p, q in zip(teacher, student)]
+    m = [beta * p + (1 - beta) * q for p, q in zip(teacher, student)]
+    return [beta * kl_term(p, mv) + (1 - beta) * kl_term(q, mv) for p, q, mv in zip(teacher, student, m)]
+
+
+def ref_opsd_term(inp: LossInputs, b: int, t: int, beta, tau, clip: str = "token") -> torch.Tensor:
+    student, teacher = ref_support(inp, b, t)
+    capped = torch.tensor(tau, dtype=F64)
+    if clip == "element":
+        return sum(capped if tau > 0 and term.item() > tau else term for term in ref_jsd_terms(student, teacher, beta))
+    div = ref_jsd(student, teacher, beta)
+    return capped if tau > 0 and div.item() > tau else div
+
+
+def ref_opsd(inp: LossInputs, beta, tau, clip) -> torch.Tensor:
+    return ref_mean(positions(inp), lambda b, t: ref_opsd_term(inp, b, t, beta, tau, clip))
 
 
 def ref_tropd(inp: LossInputs, threshold, clip, tail) -> torch.Tensor:
@@ -323,6 +341,8 @@ CASES: list[tuple[str, dict]] = [
     ("opsd", {}),
     ("opsd", {"beta": 0.5, "tau": 0.03}),
     ("opsd", {"tau": 0.0}),
+    ("opsd", {"clip": "element"}),
+    ("opsd", {"clip": "element", "beta": 0.5, "tau": 0.01}),
     ("tropd", {}),
     ("tropd", {"threshold": 0.5, "tail": True}),
     ("aopd", {}),

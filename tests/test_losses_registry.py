@@ -8,6 +8,7 @@ from lopd.errors import LopdError
 from lopd.losses import REGISTRY, LossInputs, describe_losses, get_loss
 from lopd.losses.base import FIELD_SOURCES
 from lopd.losses.student import StudentLogprobs
+from lopd.losses.topk import topk_support
 from test_losses_reference import for_request
 
 EXPECTED = {
@@ -155,3 +156,31 @@ def test_ropd_names_rollouts_without_a_rubric_reward():
     with pytest.raises(LopdError, match="rubric reward") as err:
         spec.fn(inp, **spec.resolve_args({}))
     assert FIELD_SOURCES["rubric_rewards"] in str(err.value)
+
+
+def test_tail_bucket_losses_read_the_cached_tail_mass():
+    """A peaked teacher's tail rebuilt from float16 top-k log-probs is far off; the scorer's cached tail is not."""
+    g = torch.Generator().manual_seed(0)
+    V, K = 50, 4
+    teacher_logits = torch.randn(1, 3, V, generator=g, dtype=torch.float64)
+    teacher_logits[..., :K] += torch.tensor([9.0, 8.0, 7.5, 7.0], dtype=torch.float64)  # ~99.9% of the mass in the top 4
+    teacher = teacher_logits.log_softmax(-1)
+    exact_top, ids = teacher.topk(K, dim=-1)
+    exact_tail = torch.log1p(-exact_top.exp().sum(-1))
+    stored_top = exact_top.to(torch.float16).to(torch.float32)  # as the cache stores them
+    tokens, mask = ids[..., 0], torch.ones(1, 3)
+    logits = torch.randn(1, 3, V, generator=g)
+
+    def inputs(top: torch.Tensor, tail: torch.Tensor | None) -> LossInputs:
+        return LossInputs(student=StudentLogprobs.from_logits(logits, tokens, mask, ids), tokens=tokens, mask=mask,
+                          topk_ids=ids, topk_logprobs=top, tail_logprob=tail)
+
+    def loss(top: torch.Tensor, tail: torch.Tensor | None) -> float:
+        return get_loss("fkl_topk_tail").fn(inputs(top, tail)).loss.item()
+
+    rebuilt = topk_support(inputs(stored_top, None), tail=True)[1][..., -1].double()
+    assert ((rebuilt.exp() - exact_tail.exp()).abs() / exact_tail.exp()).max() > 0.05  # the problem
+    cached_bucket = topk_support(inputs(stored_top, exact_tail.float()), tail=True)[1][..., -1]
+    assert torch.equal(cached_bucket, exact_tail.float())
+    truth = loss(exact_top.float(), exact_tail.float())
+    assert abs(loss(stored_top, exact_tail.float()) - truth) < abs(loss(stored_top, None) - truth)

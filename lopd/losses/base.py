@@ -45,6 +45,7 @@ class LossInputs:
     teacher_logprobs: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    tail_logprob: torch.Tensor | None = None  # [B, T] log(1 - teacher top-k mass), cached by the scorer in float32
     rewards: torch.Tensor | None = None  # [B]
     group_ids: torch.Tensor | None = None  # [B]
     base_logprobs: torch.Tensor | None = None

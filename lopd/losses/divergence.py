@@ -10,12 +10,14 @@ from functools import partial
 
 import torch
 
+from lopd.errors import LopdError
 from lopd.losses.base import LossInputs, LossOutput, masked_mean, register_loss
 from lopd.losses.distill import rkl_topk
 from lopd.losses.student import StudentRequest
 from lopd.losses.topk import (
     forward_kl,
     generalized_jsd,
+    generalized_jsd_terms,
     kl,
     mixture,
     reverse_kl,
@@ -118,8 +120,8 @@ def tip(inp: LossInputs, ratio: float) -> LossOutput:
     return rkl_topk(inp, entropy_top_ratio=ratio)
 
 
-@register_loss("opsd", paper="arXiv 2601.18734", needs=("topk",), beta=0.0, tau=0.05)
-def opsd(inp: LossInputs, beta: float, tau: float) -> LossOutput:
+@register_loss("opsd", paper="arXiv 2601.18734", needs=("topk",), beta=0.0, tau=0.05, clip="token")
+def opsd(inp: LossInputs, beta: float, tau: float, clip: str) -> LossOutput:
     """OPSD: per-token JSD_beta over the teacher top-k (renormalised), clipped pointwise at tau.
 
     On-Policy Self-Distillation (arXiv 2601.18734) uses the model conditioned on the reference solution as
@@ -127,19 +129,37 @@ def opsd(inp: LossInputs, beta: float, tau: float) -> LossOutput:
     conventions for the ends), then D_t <- min(D_t, tau) with tau = 0.05: a token whose divergence
     exceeds tau contributes the constant tau and therefore zero gradient, so a few tokens on which the
     privileged teacher disagrees wildly cannot dominate the update. tau <= 0 turns the clip off.
+
+    clip = "token" (default) is that formula, as the paper writes it. clip = "element" is what OPSD's released
+    code does: it clamps each support element's JSD term at tau before summing, so a token keeps the gradient
+    of its unclipped elements (at tau = 0.05 per-token clipping zeroes the gradient of most tokens of a
+    strongly disagreeing teacher, element clipping of none). The default follows the paper's equation; choose
+    "element" to reproduce the released training runs.
     """
-    clipped, over = opsd_per_token(inp, beta, tau)
+    clipped, over = opsd_per_token(inp, beta, tau, clip)
     loss = masked_mean(clipped, inp.mask)
     return LossOutput(loss, {"opsd": loss.item(), "clipped": masked_mean(over, inp.mask).item()})
 
 
-def opsd_per_token(inp: LossInputs, beta: float, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """OPSD's per-token term min(JSD_beta, tau) on the renormalised teacher top-k, and where the clip bit.
+OPSD_CLIPS = ("token", "element")
 
-    Returns (divergence [B, T], clipped indicator [B, T] without grad, in the mask's dtype); tau <= 0: no clip.
-    Shared by `opsd` and by losses that add the OPSD term to another objective (`sdar`).
+
+def opsd_per_token(inp: LossInputs, beta: float, tau: float, clip: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """OPSD's per-token term on the renormalised teacher top-k, clipped at tau, and how much the clip bit.
+
+    clip "token": min(JSD_beta, tau), the indicator of a clipped token; "element": sum_v min(term_v, tau) over
+    the JSD's support elements, the fraction of a token's elements clipped. Returns (divergence [B, T], clipped
+    [B, T] without grad, in the mask's dtype); tau <= 0: no clip. Shared by `opsd` and by losses that add the
+    OPSD term to another objective (`sdar`).
     """
+    if clip not in OPSD_CLIPS:
+        raise LopdError(f"opsd clip must be one of {', '.join(OPSD_CLIPS)}, got {clip!r}")
     student, teacher = topk_support(inp)
+    if clip == "element":
+        terms = generalized_jsd_terms(student, teacher, beta)
+        if tau <= 0:
+            return terms.sum(-1), torch.zeros_like(inp.mask)
+        return terms.clamp(max=tau).sum(-1), (terms.detach() > tau).to(inp.mask.dtype).mean(-1)
     divergence = generalized_jsd(student, teacher, beta)
     if tau <= 0:
         return divergence, torch.zeros_like(inp.mask)

@@ -342,9 +342,10 @@ def rlcsd(inp: LossInputs, grpo_weight: float, coef: float, clip: float, normali
     lam=0.1,
     beta=0.0,
     opsd_tau=0.05,
+    opsd_clip="token",
     **PG_DEFAULTS,
 )
-def sdar(inp: LossInputs, tau: float, lam: float, beta: float, opsd_tau: float, normalize_std: bool,
+def sdar(inp: LossInputs, tau: float, lam: float, beta: float, opsd_tau: float, opsd_clip: str, normalize_std: bool,
          clip_low: float, clip_high: float) -> LossOutput:
     """SDAR: GRPO plus an OPSD distillation term gated per token by the teacher's preference.
 
@@ -358,7 +359,7 @@ def sdar(inp: LossInputs, tau: float, lam: float, beta: float, opsd_tau: float, 
     logp = inp.student.token_logprobs()
     advantage = token_advantages(inp.rewards, inp.group_ids, inp.mask, normalize_std)
     gate = torch.sigmoid(opd_advantage(inp.teacher_logprobs, logp, 0.0) / tau)
-    divergence, _ = opsd_per_token(inp, beta, opsd_tau)
+    divergence, _ = opsd_per_token(inp, beta, opsd_tau, opsd_clip)
     distill = masked_mean(gate * divergence, inp.mask)
     out = ppo_loss(inp, logp, advantage, clip_low, clip_high,
                    distill=distill.item(), gate=masked_mean(gate, inp.mask).item())

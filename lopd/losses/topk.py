@@ -52,6 +52,16 @@ def with_tail(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.cat([logprobs, tail_logmass(logprobs)], dim=-1)
 
 
+def teacher_tail(inp: LossInputs, teacher: torch.Tensor) -> torch.Tensor:
+    """The teacher's log tail mass [B, T, 1]: the scorer's cached value when the batch has it, else rebuilt from the
+    top-k. The scorer computes it from the engine's float32 log-probs before they are stored as float16; rebuilt
+    from float16 top-k log-probs, 1 - sum p_k of a peaked teacher loses most of its digits (up to ~40% relative
+    error on tails near 1e-3)."""
+    if inp.tail_logprob is None:
+        return tail_logmass(teacher)
+    return upcast(inp.tail_logprob).unsqueeze(-1).clamp_min(math.log(TAIL_EPS))
+
+
 def topk_support(inp: LossInputs, tail: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-probs on the common support built from the teacher's top-k.
 
@@ -66,7 +76,7 @@ def topk_support(inp: LossInputs, tail: bool = False, temperature: float = 1.0) 
     student = inp.student.topk_logprobs(temperature)
     teacher = teacher_topk_logprobs(inp)
     if tail:
-        return with_tail(student), with_tail(teacher)
+        return with_tail(student), torch.cat([teacher, teacher_tail(inp, teacher)], dim=-1)
     return renormalise(student), renormalise(teacher / temperature)
 
 
@@ -83,7 +93,12 @@ def topk_tail_entropy(logprobs: torch.Tensor) -> torch.Tensor:
 
 def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) for log-prob tensors on one support."""
-    return (p.exp() * (p - q)).sum(-1)
+    return kl_terms(p, q).sum(-1)
+
+
+def kl_terms(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The terms p(v) (log p(v) - log q(v)) of KL(p || q), one per support element."""
+    return p.exp() * (p - q)
 
 
 def reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -112,14 +127,19 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float) -
     forward KL(p_T || p_theta) and beta = 1 to the reverse KL(p_theta || p_T) (the literal formula
     would be identically 0 at both ends).
     """
+    return generalized_jsd_terms(student, teacher, beta).sum(-1)
+
+
+def generalized_jsd_terms(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """The per-support-element terms of JSD_beta ([B, T, S]; their sum over S is `generalized_jsd`)."""
     if not 0.0 <= beta <= 1.0:
         raise LopdError(f"the JSD beta must be in [0, 1], got {beta}")
     if beta == 0.0:
-        return forward_kl(student, teacher)
+        return kl_terms(teacher, student)
     if beta == 1.0:
-        return reverse_kl(student, teacher)
+        return kl_terms(student, teacher)
     mix = mixture(teacher, student, beta)
-    return beta * kl(teacher, mix) + (1.0 - beta) * kl(student, mix)
+    return beta * kl_terms(teacher, mix) + (1.0 - beta) * kl_terms(student, mix)
 
 
 DIVERGENCES: dict[str, Divergence] = {"rkl": reverse_kl, "fkl": forward_kl}

@@ -69,6 +69,7 @@ class SequenceDataset(Dataset):
                 "behaviour_logprobs": seq.behaviour_logprobs, "reward": seq.reward,
                 "group_id": int(self.rollouts.group_ids[index]),
                 "teacher_logprobs": seq.teacher_logprobs, "topk_ids": seq.topk_ids, "topk_logprobs": seq.topk_logprobs,
+                "tail_logprob": seq.tail_logprob,
                 # a refreshed row comes from the refreshed score set's own rollout set
                 "loss_mask": cache.rollouts.loss_mask(row),
                 "rubric_reward": float(cache.rollouts.rubric_rewards[row]),
@@ -158,6 +159,8 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> Batch:
         fields["teacher_logprobs"] = _pad([i["teacher_logprobs"].astype(np.float32) for i in items], steps, 0.0, np.float32)
         fields["topk_ids"] = _pad([i["topk_ids"].astype(np.int64) for i in items], steps, 0, np.int64)
         fields["topk_logprobs"] = _pad([i["topk_logprobs"].astype(np.float32) for i in items], steps, 0.0, np.float32)
+    if "tail_logprob" in items[0]:
+        fields["tail_logprob"] = _pad([i["tail_logprob"].astype(np.float32) for i in items], steps, 0.0, np.float32)
     for name in ATTACHABLE:
         if name in items[0]:
             fields[name] = _pad([i[name].astype(np.float32) for i in items], steps, 0.0, np.float32)

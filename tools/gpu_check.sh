@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# lopd's GPU check: real-vocabulary rollout, scoring, tensor parallelism and training memory on this machine,
+# in one JSON file (tools/results/gpu_check.json). See tools/gpu_check.py; `--dry-run` exercises it on a CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then LOPD_ENGINE=cuda bash tools/setup.sh; else bash tools/setup.sh; fi
+fi
+exec timeout 540 .venv/bin/python tools/gpu_check.py "$@"
