@@ -184,11 +184,13 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
                    "outcome gradient (needs rewards and --n > 1 rollouts; see `lopd diagnose alignment`).")
 @click.option("--token-filter-signal", default="",
               help="Loss whose gradient is the teacher signal for --token-filter (default: the training loss).")
+@click.option("--max-decoded-shards", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Decoded cache shards kept in memory per score set (least recently used evicted first).")
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size, micro_batch_size, steps, epochs,
           warmup_steps, zero_stage, seed, allow_teacher_mismatch, allow_lineage_mismatch, refresh_args, teacher,
-          base_ref, contrast_ref, token_filter, token_filter_signal, experiment, root):
+          base_ref, contrast_ref, token_filter, token_filter_signal, max_decoded_shards, experiment, root):
     """Train a student with DeepSpeed from a cache (or rollout set, for SFT)."""
     from lopd.cache.reader import open_cache
     from lopd.losses import get_loss
@@ -199,14 +201,14 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
     get_loss(loss)
     if (cache_ref is None) == (rollouts_ref is None):
         raise LopdError("pass exactly one of --cache (a score set) or --rollouts (a rollout set, for --loss sft)")
-    source = (open_cache(find_artifact(cache_ref, root, "scores")) if cache_ref
+    source = (open_cache(find_artifact(cache_ref, root, "scores"), max_decoded_shards=max_decoded_shards) if cache_ref
               else RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts")))
     refresh = parse_refresh(refresh_args)
     config = TrainConfig(loss=loss, loss_args=parse_pairs(loss_args, "--loss-arg"), lr=lr, batch_size=batch_size,
                          micro_batch_size=micro_batch_size, steps=steps, epochs=epochs, warmup_steps=warmup_steps,
                          zero_stage=zero_stage, seed=seed, allow_teacher_mismatch=allow_teacher_mismatch,
                          allow_lineage_mismatch=allow_lineage_mismatch, refresh=refresh, token_filter=token_filter,
-                         token_filter_signal=token_filter_signal)
+                         token_filter_signal=token_filter_signal, max_decoded_shards=max_decoded_shards)
     context = None
     if refresh:
         if not teacher:
@@ -215,7 +217,7 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
         from lopd.refresh import RefreshContext
 
         context = RefreshContext(teacher, EnginePool(max_logprobs=max(source.k, 1)), root, experiment)
-    attached = {field: open_cache(find_artifact(ref, root, "scores"))
+    attached = {field: open_cache(find_artifact(ref, root, "scores"), max_decoded_shards=max_decoded_shards)
                 for field, ref in (("base_logprobs", base_ref), ("contrast_logprobs", contrast_ref)) if ref}
     result = run(student, source, config, Path(out), root=root, experiment=experiment, attached=attached,
                  refresh_context=context)

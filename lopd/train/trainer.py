@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from lopd import alignment
-from lopd.cache.reader import ScoreCache
+from lopd.cache.reader import DEFAULT_MAX_DECODED_SHARDS, ScoreCache
 from lopd.cost.ledger import record_stage
 from lopd.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
 from lopd.engine import resolve_model
@@ -58,6 +58,7 @@ class TrainConfig:
     refresh: dict[str, Any] = field(default_factory=dict)  # RefreshPolicy fields; empty = never (Lightning OPD)
     token_filter: str = "none"  # "aligned": train only on tokens whose teacher gradient agrees with GRPO's (lopd.alignment)
     token_filter_signal: str = ""  # loss whose gradient is the teacher signal for the filter; "" = the training loss
+    max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS  # decoded cache shards held in memory per score set (LRU)
 
 
 @dataclass
