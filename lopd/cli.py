@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from lopd.errors import LopdError
+from lopd.limits import option_type
 from lopd.storage import resolve_root
 
 EXPERIMENT_OPTION = click.option("--experiment", envvar="LOPD_EXPERIMENT", default="default", show_default=True,
@@ -63,6 +64,27 @@ def parse_refresh(items: tuple[str, ...]) -> dict:
     return policy
 
 
+def prompt_options(command):
+    """The prompt-source and sampling options `lopd rollout` and `lopd eval` share (same names, same checks)."""
+    for option in reversed([
+        click.option("--prompts", required=True, type=click.Path(),
+                     help="Prompt source: .jsonl, .parquet, .csv, a `datasets` save_to_disk directory, or "
+                          "hf:NAME[:CONFIG]:SPLIT."),
+        click.option("--prompt-field", default="prompt", show_default=True, help="Field that holds the prompt text."),
+        click.option("--answer-field", default="answer", show_default=True,
+                     help="Field that holds the reference answer (optional per row)."),
+        click.option("--chat", is_flag=True,
+                     help="Format each prompt with the model's chat template (one user turn + generation prompt)."),
+        click.option("--system-prompt", default=None, help="System turn placed before each prompt (needs --chat)."),
+        click.option("--n", default=1, show_default=True, type=option_type("n"), help="Samples per prompt."),
+        click.option("--temperature", default=1.0, show_default=True, type=option_type("temperature")),
+        click.option("--max-tokens", default=32, show_default=True, type=option_type("max_tokens")),
+        click.option("--seed", default=0, show_default=True),
+    ]):
+        command = option(command)
+    return command
+
+
 def find_artifact(ref: str, root: Path, kind: str) -> Path:
     """A path, or an id under <root>/<kind>/."""
     path = Path(ref)
@@ -74,24 +96,40 @@ def find_artifact(ref: str, root: Path, kind: str) -> Path:
     raise LopdError(f"{ref} is neither a path nor a known {kind[:-1]} id under {root / kind}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Lopd(click.Group):
+    """The root command: every user error (a LopdError, or a bad option click refuses) is one line on stderr and
+    exit code 2, never a traceback or a usage dump. Lives on the command itself so click's CliRunner sees what a
+    user sees."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except LopdError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            sys.exit(130)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as click would show it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=Lopd, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """lopd: offline on-policy distillation with a durable, shareable teacher cache."""
 
 
 @main.command()
 @click.option("--model", required=True, help="Model that generates (HF directory or hub name).")
-@click.option("--prompts", required=True, type=click.Path(),
-              help="Prompt source: .jsonl, .parquet, .csv, a `datasets` save_to_disk directory, or hf:NAME[:CONFIG]:SPLIT.")
-@click.option("--prompt-field", default="prompt", show_default=True, help="Field that holds the prompt text.")
-@click.option("--answer-field", default="answer", show_default=True, help="Field that holds the reference answer (optional per row).")
-@click.option("--chat", is_flag=True, help="Format each prompt with the model's chat template (one user turn + generation prompt).")
-@click.option("--system-prompt", default=None, help="System turn placed before each prompt (needs --chat).")
-@click.option("--n", default=1, show_default=True, help="Samples per prompt (one group per prompt).")
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--max-tokens", default=32, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@prompt_options
+@click.option("--top-p", default=1.0, show_default=True, type=option_type("top_p"))
 @click.option("--verifier", default=None, help="Reward function module:function, e.g. lopd.toy.words:verify.")
 @click.option("--tool", default=None,
               help="Tool environment module:attr, e.g. lopd.toy.calc:ENVIRONMENT: multi-turn generation with the tool's "
@@ -102,7 +140,7 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory (default: content-addressed under the root).")
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, top_p, max_tokens, seed,
+def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, max_tokens, seed, top_p,
             verifier, tool, judge, out, experiment, root):
     """Generate rollouts with vLLM into a Parquet rollout set."""
     from lopd.prompts import PromptFormat, load_prompts
@@ -122,15 +160,15 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
 @main.command()
 @click.option("--teacher", required=True, help="Scoring model (HF directory or hub name); must share the student's vocabulary.")
 @click.option("--rollouts", "rollouts_ref", required=True, help="Rollout set directory or id.")
-@click.option("--k", default=8, show_default=True, help="Teacher top-k stored per position.")
+@click.option("--k", default=8, show_default=True, type=option_type("k"), help="Teacher top-k stored per position.")
 @click.option("--logprob-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
-@click.option("--max-batch-tokens", default=16384, show_default=True, help="Token budget per vLLM scoring call (bounds prompt-logprob memory).")
-@click.option("--rows-per-shard", default=1024, show_default=True)
+@click.option("--max-batch-tokens", default=16384, show_default=True, type=option_type("max_batch_tokens"), help="Token budget per vLLM scoring call (bounds prompt-logprob memory).")
+@click.option("--rows-per-shard", default=1024, show_default=True, type=option_type("rows_per_shard"))
 @click.option("--context", "--context-template", "context", default=None,
               help="Privileged context for a self-teacher: a preset (answer, wrong_answer, concise) or a template "
                    "such as '{answer}|' over the row's prompt, answer, prompt_id, wrong_answer; spliced before the "
                    "prompt (after BOS) for scoring only; part of the cache key.")
-@click.option("--context-slice", default=0, show_default=True,
+@click.option("--context-slice", default=0, show_default=True, type=option_type("context_slice"),
               help="Score with only the prompt's last N tokens (OPSDL's short-context self-teacher); 0 keeps it all.")
 @click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Score only shards i, i+N, ... (i/N) for multi-node jobs.")
 @click.option("--out", type=click.Path(file_okay=False), default=None)
@@ -160,13 +198,13 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
 @click.option("--loss", default="lightning", show_default=True, help="Registered loss; see `lopd losses`.")
 @click.option("--loss-arg", "loss_args", multiple=True, help="Loss hyperparameter key=value (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory.")
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--batch-size", default=64, show_default=True, help="Sequences per optimizer step (global).")
-@click.option("--micro-batch-size", default=None, type=int)
-@click.option("--steps", default=None, type=int, help="Optimizer steps (default: --epochs passes).")
-@click.option("--epochs", default=1.0, show_default=True)
-@click.option("--warmup-steps", default=0, show_default=True)
-@click.option("--zero-stage", default=2, show_default=True, type=click.IntRange(0, 3))
+@click.option("--lr", default=1e-4, show_default=True, type=option_type("lr"))
+@click.option("--batch-size", default=64, show_default=True, type=option_type("batch_size"), help="Sequences per optimizer step (global).")
+@click.option("--micro-batch-size", default=None, type=option_type("micro_batch_size"))
+@click.option("--steps", default=None, type=option_type("steps"), help="Optimizer steps (default: --epochs passes).")
+@click.option("--epochs", default=1.0, show_default=True, type=option_type("epochs"))
+@click.option("--warmup-steps", default=0, show_default=True, type=option_type("warmup_steps"))
+@click.option("--zero-stage", default=2, show_default=True, type=option_type("zero_stage"))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--allow-teacher-mismatch", is_flag=True, help="Train OPD from a teacher other than the SFT data's teacher.")
 @click.option("--allow-lineage-mismatch", is_flag=True,
@@ -184,7 +222,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
                    "outcome gradient (needs rewards and --n > 1 rollouts; see `lopd diagnose alignment`).")
 @click.option("--token-filter-signal", default="",
               help="Loss whose gradient is the teacher signal for --token-filter (default: the training loss).")
-@click.option("--max-decoded-shards", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-decoded-shards", default=8, show_default=True, type=option_type("max_decoded_shards"),
               help="Decoded cache shards kept in memory per score set (least recently used evicted first).")
 @EXPERIMENT_OPTION
 @ROOT_OPTION
@@ -227,21 +265,23 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, lr, batch_size
 
 @main.command("eval")
 @click.option("--model", required=True)
-@click.option("--prompts", required=True, type=click.Path())
-@click.option("--verifier", default="lopd.toy.words:verify", show_default=True)
-@click.option("--n", default=1, show_default=True)
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--max-tokens", default=32, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@prompt_options
+@click.option("--verifier", required=True,
+              help="Reward function module:function scoring each response, e.g. lopd.toy.words:verify.")
 @click.option("--tool", default=None, help="Tool environment module:attr (as for `lopd rollout --tool`).")
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def eval_(model, prompts, verifier, n, temperature, max_tokens, seed, tool, experiment, root):
+def eval_(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, max_tokens, seed, verifier,
+          tool, experiment, root):
     """Accuracy of a model on a prompt set (vLLM sampling + verifier)."""
     from lopd.evaluate import evaluate
+    from lopd.prompts import PromptFormat, load_prompts
 
-    emit(evaluate(model, prompts, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                  root=resolve_root(root), experiment=experiment, tool=tool).as_dict())
+    prompt_format = PromptFormat(chat=chat, system_prompt=system_prompt)
+    prompt_format.validate()
+    rows = load_prompts(prompts, prompt_field, answer_field)
+    emit(evaluate(model, rows, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                  root=resolve_root(root), experiment=experiment, prompt_format=prompt_format, tool=tool).as_dict())
 
 
 @main.command()
@@ -261,7 +301,7 @@ def toy():
 
 @toy.command("prompts")
 @click.option("--split", type=click.Choice(["teacher", "sft", "opd", "eval", "test"]), required=True)
-@click.option("--n", default=500, show_default=True)
+@click.option("--n", default=500, show_default=True, type=option_type("n"))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--world", type=click.Choice(["words", "calc"]), default="words", show_default=True,
               help="calc: calculator expressions for `--tool lopd.toy.calc:ENVIRONMENT --verifier lopd.toy.calc:verify`.")
@@ -307,7 +347,7 @@ def diagnose():
 @click.option("--student", required=True, help="Student checkpoint (HF directory or hub name).")
 @click.option("--signal", default="rkl_topk", show_default=True, help="Registered loss used as the teacher signal.")
 @click.option("--signal-arg", "signal_args", multiple=True, help="Signal loss hyperparameter key=value (repeatable).")
-@click.option("--rows", default=256, show_default=True, help="Rollouts analysed (sampled by --seed among those with A_GRPO != 0).")
+@click.option("--rows", default=256, show_default=True, type=option_type("rows"), help="Rollouts analysed (sampled by --seed among those with A_GRPO != 0).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Report directory (default: <root>/diagnostics/alignment-<cache>-<student fp>-<signal>).")
@@ -343,16 +383,7 @@ _attach_subcommands()
 
 
 def run() -> None:
-    try:
-        main(standalone_mode=False)
-    except LopdError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    main()
 
 
 if __name__ == "__main__":
