@@ -177,6 +177,7 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
 def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, context, context_slice, shard_spec,
           out, experiment, root):
     """Score every rollout token once with the teacher (vLLM) into a Zarr v3 score set."""
+    from lopd.cache.cli import report_score
     from lopd.rollout_set import RolloutSet
     from lopd.score import ScoreConfig, score as run
 
@@ -185,10 +186,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
     config = ScoreConfig(k=k, logprob_dtype=logprob_dtype, max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
                          context=context, context_slice=context_slice)
     result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec), experiment=experiment)
-    if result.reused:
-        click.echo(f"cache hit: score set {result.id} already holds these scores; no teacher work done", err=True)
-    emit({"score_set": result.id, "path": result.path, "reused": result.reused,
-          "teacher_seconds": round(result.teacher_seconds, 2), "positions": result.positions})
+    report_score(result)
 
 
 @main.command()

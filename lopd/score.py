@@ -9,7 +9,7 @@ stays bounded.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
-from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, scores_dir
+from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, damaged_shards, scores_dir
 from lopd.contexts import expand_context, teacher_prompts
 from lopd.cost.ledger import record_stage
 from lopd.engine import build_llm, check_k, model_config, resolve_model, vocab_size
@@ -63,6 +63,7 @@ class ScoreResult:
     reused: bool
     teacher_seconds: float
     positions: int
+    repaired: dict[str, str] = field(default_factory=dict)  # shard -> why it was rescored (missing, corrupt)
 
 
 def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
@@ -101,7 +102,14 @@ def score(
     llm=None,
     quiet: bool = False,
     experiment: str = "default",
+    expect_id: str | None = None,
 ) -> ScoreResult:
+    """Score `rollouts` with `teacher` into the score set their identity names, or finish or repair it.
+
+    A set that already exists is checked first: its committed shards that are missing or fail their checksum
+    are rescored along with any never written (an intact complete set is a cache hit). `expect_id` (repair)
+    refuses to proceed when today's teacher, tokenizer or engine would make a different set.
+    """
     config.validate()
     teacher = resolve_model(teacher)
     teacher_config = model_config(teacher)
@@ -112,20 +120,29 @@ def score(
 
     header = score_set_identity(teacher, tokenizer, rollouts, config)
     set_id = "s-" + digest_json(header)
+    if expect_id is not None and set_id != expect_id:
+        raise LopdError(f"score set {expect_id} cannot be repaired here: this teacher, tokenizer and engine version "
+                        f"would make score set {set_id} (the vLLM version or the teacher's files changed); "
+                        "rescore with `lopd score` into a new set")
     path = Path(out) if out else scores_dir(root) / set_id
     manifest_path = path / MANIFEST
+    damaged: dict[str, str] = {}
     if manifest_path.is_file():
         existing = read_json(manifest_path)
-        if existing.get("id") == set_id and existing.get("complete"):
-            with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
-                rec.cache_hit = True
-            return ScoreResult(path, set_id, True, 0.0, sum(s["positions"] for s in existing["shards"].values()))
+        if existing.get("id") == set_id:
+            damaged = damaged_shards(path, existing)
+            if existing.get("complete") and not damaged:
+                with record_stage(root, experiment=experiment, stage="score", artifact=set_id,
+                                  inputs=[rollouts.id]) as rec:
+                    rec.cache_hit = True
+                return ScoreResult(path, set_id, True, 0.0, sum(s["positions"] for s in existing["shards"].values()))
 
     rollout_path = Path(rollouts.path).resolve()
     header = dict(header, id=set_id, vocab_size=vocab, id_dtype=str(id_dtype(vocab)), num_rows=len(rollouts))
     header["teacher"]["model"] = teacher  # where it was loaded from: informative, not part of the id
     header["rollout_set"]["path"] = _relative(rollout_path, path.resolve())
     writer = ScoreSetWriter(path, header, rows_per_shard=config.rows_per_shard)
+    writer.discard(list(damaged))
     plans = writer.plan(len(rollouts), shard_of)
 
     with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
@@ -134,6 +151,7 @@ def score(
     manifest = writer.finish(len(rollouts))
     if not manifest.get("complete") and shard_of == (0, 1):
         raise LopdError(f"score set {set_id} is still incomplete after scoring; rerun the same command")
+    result.repaired = damaged
     return result
 
 

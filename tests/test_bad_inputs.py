@@ -83,6 +83,8 @@ CASES = {
     "eval wrong prompt field": (EVAL[:-1] + ["prompt_text", "--verifier", "lopd.toy.words:verify"],
                                 ["'prompt_text'", "--prompt-field"]),
     "pipeline eval without verifier": (["run", "{no_verifier}"], ["stage 'e'", "verifier"]),
+    # issue 15 item 4: repair names what it cannot find
+    "cache repair of an unknown set": (["cache", "repair", "s-nope"], ["no score set matches 's-nope'"]),
 }
 
 

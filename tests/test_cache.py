@@ -371,3 +371,20 @@ def test_trainer_data_path_keeps_at_most_the_configured_decoded_shards(many_shar
     assert cache[rows[0]].topk_ids.base is None  # rows are copies: holding one does not pin an evicted shard
     with pytest.raises(LopdError, match="--max-decoded-shards must be at least 1"):
         open_cache(many_shards, max_decoded_shards=0)
+
+
+def test_discarded_damaged_shards_are_pending_again(score_set):
+    """The writer's side of repair: damaged committed shards are un-committed, the set marked incomplete, and
+    only they are offered to the next writer."""
+    from lopd.cache.score_set import damaged_shards
+
+    shutil.rmtree(score_set / "shards" / "00000")
+    flip_one_byte(score_set / "shards" / "00002")
+    writer = ScoreSetWriter(score_set, {"id": "s-synthetic"}, rows_per_shard=4)
+    damaged = damaged_shards(score_set, writer.manifest())
+    assert damaged == {"00000": "missing", "00002": "checksum mismatch (truncated or modified)"}
+    writer.discard(list(damaged))
+    assert not writer.manifest()["complete"]
+    assert [p.name for p in writer.pending(writer.plan(10))] == ["00000", "00002"]
+    with pytest.raises(LopdError, match="incomplete"):
+        open_cache(score_set)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,3 +89,31 @@ def test_two_concurrent_scorers_do_not_lose_rows(job, tmp_path):
     for proc, log in zip(procs, logs):
         assert finish(proc) == 0, log.read_text()[-2000:]
     assert_same_cache(out, reference)
+
+
+@pytest.mark.parametrize("how", ["rerun lopd score", "lopd cache repair"])
+def test_a_damaged_set_is_repaired_by_rescoring_exactly_its_damaged_shards(job, pool, how):
+    """Before: after a shard was deleted or corrupted, rerunning `lopd score` was a cache hit and the set stayed
+    broken (only deleting the whole set helped). Now the rerun (or `lopd cache repair`) rescores just those."""
+    from lopd.cache.admin import repair
+    from test_cache import flip_one_byte
+
+    rollouts, reference = job
+    root = reference.path.parent.parent
+    path = root / f"repair-{how.split()[-1]}" / reference.id  # same depth: the manifest's relative rollout path holds
+    shutil.copytree(reference.path, path)
+    shutil.rmtree(path / "shards" / "00001")
+    flip_one_byte(path / "shards" / "00003")
+    untouched = {name: (path / "shards" / name / "zarr.json").stat().st_mtime_ns for name in ("00000", "00002")}
+    assert verify(path) == ["shard 00001: missing", "shard 00003: checksum mismatch (truncated or modified)"]
+    if how == "lopd cache repair":
+        result = repair(path, root, llm=pool.get(TEACHER))
+    else:
+        config = ScoreConfig(k=8, rows_per_shard=16, logprob_dtype="float32")
+        result = score(TEACHER, rollouts, config, root=root, out=path, llm=pool.get(TEACHER), quiet=True)
+    assert not result.reused and sorted(result.repaired) == ["00001", "00003"]
+    assert result.positions == sum(reference.manifest["shards"][n]["positions"] for n in ("00001", "00003"))
+    assert {name: (path / "shards" / name / "zarr.json").stat().st_mtime_ns for name in untouched} == untouched
+    assert_same_cache(path, reference)
+    assert score(TEACHER, rollouts, ScoreConfig(k=8, rows_per_shard=16, logprob_dtype="float32"), root=root, out=path,
+                 llm=pool.get(TEACHER), quiet=True).reused  # intact again: a plain cache hit

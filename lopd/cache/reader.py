@@ -37,6 +37,8 @@ class CachedSequence:
 
 
 DEFAULT_MAX_DECODED_SHARDS = 8
+# True since a rerun of `lopd score` checks an existing set and rescores exactly its damaged shards.
+REPAIR_HINT = "rescore it with `lopd cache repair {id}` (or rerun the `lopd score` command that made the set)"
 
 
 class ScoreCache:
@@ -97,14 +99,15 @@ class ScoreCache:
             entry = self.manifest["shards"].get(name)
             shard_dir = self.path / "shards" / name
             if entry is None or not shard_dir.is_dir():
-                raise LopdError(f"score set {self.id}: shard {name} is missing; rerun `lopd score` to regenerate it")
+                raise LopdError(f"score set {self.id}: shard {name} is missing; {REPAIR_HINT.format(id=self.id)}")
             if self.verify and shard_checksum(shard_dir) != entry["checksum"]:
                 raise LopdError(f"score set {self.id}: shard {name} is corrupt (checksum mismatch); "
-                                f"run `lopd cache verify` and rescore it")
+                                f"{REPAIR_HINT.format(id=self.id)}")
             try:
                 arrays = read_shard(shard_dir)
             except Exception as exc:  # zarr/codec errors on damaged bytes
-                raise LopdError(f"score set {self.id}: shard {name} cannot be read ({exc}); rescore it") from None
+                raise LopdError(f"score set {self.id}: shard {name} cannot be read ({exc}); "
+                                f"{REPAIR_HINT.format(id=self.id)}") from None
             self.decodes += 1
             self._shards[name] = arrays
             while len(self._shards) > self.max_decoded_shards:
