@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -117,3 +118,32 @@ def test_a_damaged_set_is_repaired_by_rescoring_exactly_its_damaged_shards(job, 
     assert_same_cache(path, reference)
     assert score(TEACHER, rollouts, ScoreConfig(k=8, rows_per_shard=16, logprob_dtype="float32"), root=root, out=path,
                  llm=pool.get(TEACHER), quiet=True).reused  # intact again: a plain cache hit
+
+
+def live_session_members(sid: int) -> list[str]:
+    """Processes of session `sid` still running (zombies hold no memory and are left to whoever reaps them)."""
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(f"{proc.pid} {proc.info['name']}")
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return members
+
+
+def test_killed_scorer_leaves_no_engine_processes(job, tmp_path):
+    """Before: `lopd score` killed with SIGKILL left its vLLM EngineCore (and workers) running indefinitely.
+    Now the engine notices its parent is gone and exits within seconds."""
+    rollouts, _ = job
+    proc = lopd_score(rollouts, tmp_path / "cache", tmp_path / "killed.log", "shard_committed:1")
+    try:
+        assert proc.wait(timeout=300) == -9  # SIGKILLed while its engine was serving (one shard scored)
+        deadline = time.monotonic() + 30
+        while (left := live_session_members(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert left == [], (left, (tmp_path / "killed.log").read_text()[-2000:])
+    finally:
+        finish(proc)
