@@ -76,6 +76,13 @@ def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
         )
 
 
+def padded_ids(teacher_config: dict, tokenizer) -> int:
+    """How many ids the teacher's embedding has beyond those its tokenizer defines (Qwen3 pads 151,669 tokens to
+    151,936). They are never generated, and the student may not even have them, so they are kept out of the
+    cached top-k; their probability mass stays in the tail."""
+    return max(vocab_size(teacher_config) - len(tokenizer), 0)
+
+
 def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: ScoreConfig) -> dict:
     """Everything that determines a score set's numbers; its hash is the score set id."""
     identity = {
@@ -88,6 +95,8 @@ def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: Sc
     }
     if config.context_slice:  # only when set, so score sets made before slices existed keep their ids
         identity["config"]["context_slice"] = config.context_slice
+    if padded_ids(model_config(teacher), tokenizer):  # likewise; and sets that cached padded ids are not reused
+        identity["config"]["topk_ids_below"] = len(tokenizer)
     return identity
 
 
@@ -113,8 +122,10 @@ def score(
     config.validate()
     teacher = resolve_model(teacher)
     teacher_config = model_config(teacher)
-    check_k(config.k, teacher_config, max_logprobs=llm.llm_engine.model_config.max_logprobs if llm else None)
     tokenizer = load_tokenizer(teacher)
+    padded = padded_ids(teacher_config, tokenizer)
+    check_k(config.k, teacher_config, max_logprobs=llm.llm_engine.model_config.max_logprobs if llm else None,
+            padded=padded)
     check_same_vocabulary(tokenizer, rollouts)
     vocab = vocab_size(teacher_config)
 
@@ -146,7 +157,8 @@ def score(
     plans = writer.plan(len(rollouts), shard_of)
 
     with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
-        result = _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, set_id, llm, quiet)
+        result = _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, padded, set_id, llm,
+                               quiet)
         rec.tokens = result.positions
     manifest = writer.finish(len(rollouts))
     if not manifest.get("complete") and shard_of == (0, 1):
@@ -155,13 +167,14 @@ def score(
     return result
 
 
-def _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, set_id, llm, quiet) -> ScoreResult:
+def _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, padded, set_id, llm,
+                  quiet) -> ScoreResult:
     prompts = rollouts.prompt_ids
     if config.context or config.context_slice:
         rows = rollouts.table.select(["prompt_id", "prompt", "answer"]).to_pylist()
         prompts = teacher_prompts(load_tokenizer(teacher), rows, prompts, config.context, config.context_slice)
-    engine = llm or build_llm(teacher, max_logprobs=config.k)
-    check_k(config.k, teacher_config, max_logprobs=engine.llm_engine.model_config.max_logprobs)
+    engine = llm or build_llm(teacher, max_logprobs=config.k + padded)
+    check_k(config.k, teacher_config, max_logprobs=engine.llm_engine.model_config.max_logprobs, padded=padded)
     todo = writer.pending(plans)
     total = sum(len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i])
                 for p in todo for i in range(p.start, p.stop))
@@ -176,7 +189,8 @@ def _score_shards(writer, plans, teacher, teacher_config, rollouts, config, voca
                     if not mine:
                         continue
                     start = time.perf_counter()
-                    arrays = score_rows(engine, rollouts, plan, config, id_dtype(vocab), bar, prompts)
+                    arrays = score_rows(engine, rollouts, plan, config, id_dtype(vocab), bar, prompts,
+                                        padded=padded, defined=vocab - padded)
                     seconds = time.perf_counter() - start
                     writer.commit(plan, arrays, {"teacher_seconds": round(seconds, 3)})
                     teacher_seconds += seconds
@@ -205,12 +219,15 @@ def token_budget_batches(lengths: list[int], budget: int) -> Iterator[list[int]]
 
 
 def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfig, ids_dtype, bar,
-               prompt_ids: list[np.ndarray]) -> dict[str, np.ndarray]:
+               prompt_ids: list[np.ndarray], padded: int = 0, defined: int = 0) -> dict[str, np.ndarray]:
     """Teacher signal for the shard's rows; `prompt_ids` are what the teacher sees before each stored response
-    (the stored prompt, or it with a privileged context spliced in)."""
+    (the stored prompt, or it with a privileged context spliced in).
+
+    A padded teacher (`padded` ids at and above `defined`, lopd.score.padded_ids): vLLM is asked for `padded`
+    extra log-probs, so the k best defined ids are always among those returned, and those k are kept."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, prompt_logprobs=config.k, flat_logprobs=True, detokenize=False)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=config.k + padded, flat_logprobs=True, detokenize=False)
     rows = list(range(plan.start, plan.stop))
     sequences = [np.concatenate([prompt_ids[i], rollouts.response_ids[i]]) for i in rows]
     prompt_lens = [len(prompt_ids[i]) for i in rows]
@@ -220,11 +237,15 @@ def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfi
             [{"prompt_token_ids": sequences[j].tolist()} for j in batch], params, use_tqdm=False
         )
         for j, output in zip(batch, outputs):
-            s, ids, lps = unpack_prompt_logprobs(output.prompt_logprobs, prompt_lens[j], len(sequences[j]), config.k)
+            s, ids, lps = unpack_prompt_logprobs(output.prompt_logprobs, prompt_lens[j], len(sequences[j]),
+                                                 config.k + padded)
             if not np.array_equal(ids[:, 0], sequences[j][prompt_lens[j]:]):
                 raise LopdError("vLLM returned prompt log-probs for different tokens than the stored ones")
+            ids = ids[:, 1:]
+            if padded:
+                ids, lps = best_defined(ids, lps, config.k, defined)
             sampled.append(s)
-            top_ids.append(ids[:, 1:])
+            top_ids.append(ids)
             top_lps.append(lps)
             bar.update(len(sequences[j]))
     lengths = [len(s) for s in sampled]
@@ -238,6 +259,12 @@ def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfi
         "topk_logprobs": _store(topk_lp, dtype),
         "tail_logprob": _store(tail, dtype),
     }
+
+
+def best_defined(ids: np.ndarray, lps: np.ndarray, k: int, defined: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per position, the first k columns (columns are in rank order) whose id is below `defined`."""
+    columns = np.argsort(ids >= defined, axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, columns, -1), np.take_along_axis(lps, columns, -1)
 
 
 def _store(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
