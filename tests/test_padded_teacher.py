@@ -71,7 +71,8 @@ def test_best_defined_keeps_rank_order_and_skips_padded_ids():
 def test_padded_teacher_scores_a_cache_the_student_trains_on(padded_teacher, rollouts, pool, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(padded_teacher, dtype=torch.float32)
     seq = np.concatenate([rollouts.prompt_ids[0], rollouts.response_ids[0]])
-    full = teacher(torch.tensor(seq)[None]).logits[0].float().log_softmax(-1)
+    with torch.no_grad():
+        full = teacher(torch.tensor(seq)[None]).logits[0].float().log_softmax(-1)
     response = full[len(rollouts.prompt_ids[0]) - 1: len(seq) - 1]
     assert (response.topk(K).indices >= DEFINED).any()  # the padded rows do rank in the full top-k
 
