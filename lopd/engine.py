@@ -63,17 +63,17 @@ def check_cpu_head_dim(model: str, config: dict[str, Any]) -> None:
         )
 
 
-def check_k(k: int, config: dict[str, Any], max_logprobs: int | None = None, padded: int = 0) -> None:
-    """`padded`: ids of a padded embedding that the tokenizer does not define; scoring asks for k + padded."""
-    vocab = vocab_size(config) - padded
+def check_k(k: int, vocab: int, max_logprobs: int | None = None, padded: int = 0) -> None:
+    """`vocab`: the ids the teacher's tokenizer defines; `padded`: extra log-probs scoring asks for beyond k, for
+    ids of a padded embedding the tokenizer does not define (lopd.score.padded_ids)."""
     if k < 0:
         raise LopdError(f"--k must be >= 0, got {k}")
     if k > vocab:
         raise LopdError(f"--k {k} is larger than the teacher vocabulary ({vocab}); use --k <= {vocab}")
     if max_logprobs is not None and k + padded > max_logprobs:
-        needed = f"{k} + {padded} padded vocabulary ids = {k + padded}" if padded else str(k)
+        needed = f"{k} + {padded} for padded vocabulary ids = {k + padded}" if padded else str(k)
         raise LopdError(f"--k {needed} log-probs is more than the engine's max_logprobs ({max_logprobs}); "
-                        "raise --max-logprobs or lower --k")
+                        "raise max_logprobs (a pipeline's `max_logprobs`) or lower --k")
 
 
 def _engine_core_main(parent_pid: int, *args, **kwargs):

@@ -29,6 +29,9 @@ from lopd.rollout_set import RolloutSet
 from lopd.storage import read_json
 
 LOGPROB_FLOOR = -1e4  # keeps float16 finite; any log-prob below it is "impossible" for every loss
+# Extra log-probs asked of a teacher with a padded vocabulary (lopd.score.padded_ids) so its k best defined ids
+# are among those returned; a row where more padded ids than this outrank them is asked again exactly.
+PADDED_MARGIN = 8
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,10 @@ def score(
     teacher_config = model_config(teacher)
     tokenizer = load_tokenizer(teacher)
     padded = padded_ids(teacher_config, tokenizer)
-    check_k(config.k, teacher_config, max_logprobs=llm.llm_engine.model_config.max_logprobs if llm else None,
-            padded=padded)
-    check_same_vocabulary(tokenizer, rollouts)
     vocab = vocab_size(teacher_config)
+    check_k(config.k, vocab - padded, max_logprobs=llm.llm_engine.model_config.max_logprobs if llm else None,
+            padded=min(padded, PADDED_MARGIN))
+    check_same_vocabulary(tokenizer, rollouts)
 
     header = score_set_identity(teacher, tokenizer, rollouts, config)
     set_id = "s-" + digest_json(header)
@@ -157,8 +160,7 @@ def score(
     plans = writer.plan(len(rollouts), shard_of)
 
     with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
-        result = _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, padded, set_id, llm,
-                               quiet)
+        result = _score_shards(writer, plans, teacher, rollouts, config, vocab, padded, set_id, llm, quiet)
         rec.tokens = result.positions
     manifest = writer.finish(len(rollouts))
     if not manifest.get("complete") and shard_of == (0, 1):
@@ -167,14 +169,14 @@ def score(
     return result
 
 
-def _score_shards(writer, plans, teacher, teacher_config, rollouts, config, vocab, padded, set_id, llm,
-                  quiet) -> ScoreResult:
+def _score_shards(writer, plans, teacher, rollouts, config, vocab, padded, set_id, llm, quiet) -> ScoreResult:
     prompts = rollouts.prompt_ids
     if config.context or config.context_slice:
         rows = rollouts.table.select(["prompt_id", "prompt", "answer"]).to_pylist()
         prompts = teacher_prompts(load_tokenizer(teacher), rows, prompts, config.context, config.context_slice)
     engine = llm or build_llm(teacher, max_logprobs=config.k + padded)
-    check_k(config.k, teacher_config, max_logprobs=engine.llm_engine.model_config.max_logprobs, padded=padded)
+    check_k(config.k, vocab - padded, max_logprobs=engine.llm_engine.model_config.max_logprobs,
+            padded=min(padded, PADDED_MARGIN))
     todo = writer.pending(plans)
     total = sum(len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i])
                 for p in todo for i in range(p.start, p.stop))
@@ -223,25 +225,33 @@ def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfi
     """Teacher signal for the shard's rows; `prompt_ids` are what the teacher sees before each stored response
     (the stored prompt, or it with a privileged context spliced in).
 
-    A padded teacher (`padded` ids at and above `defined`, lopd.score.padded_ids): vLLM is asked for `padded`
-    extra log-probs, so the k best defined ids are always among those returned, and those k are kept."""
+    A padded teacher (`padded` ids at and above `defined`, lopd.score.padded_ids) keeps the k best defined ids.
+    vLLM is asked for PADDED_MARGIN extra log-probs, which is enough unless more than that many padded ids
+    outrank a position's k-th defined id; such a row is asked again with one extra per padded id, exactly."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, prompt_logprobs=config.k + padded, flat_logprobs=True, detokenize=False)
+    def logprobs(indices: list[int], extra: int) -> list:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=config.k + extra, flat_logprobs=True, detokenize=False)
+        return engine.generate([{"prompt_token_ids": sequences[j].tolist()} for j in indices], params, use_tqdm=False)
+
+    def unpack(j: int, output, extra: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s, ids, lps = unpack_prompt_logprobs(output.prompt_logprobs, prompt_lens[j], len(sequences[j]),
+                                             config.k + extra)
+        if not np.array_equal(ids[:, 0], sequences[j][prompt_lens[j]:]):
+            raise LopdError("vLLM returned prompt log-probs for different tokens than the stored ones")
+        return s, ids[:, 1:], lps
+
     rows = list(range(plan.start, plan.stop))
     sequences = [np.concatenate([prompt_ids[i], rollouts.response_ids[i]]) for i in rows]
     prompt_lens = [len(prompt_ids[i]) for i in rows]
+    margin = min(padded, PADDED_MARGIN)
     sampled, top_ids, top_lps = [], [], []
     for batch in token_budget_batches([len(s) for s in sequences], config.max_batch_tokens):
-        outputs = engine.generate(
-            [{"prompt_token_ids": sequences[j].tolist()} for j in batch], params, use_tqdm=False
-        )
-        for j, output in zip(batch, outputs):
-            s, ids, lps = unpack_prompt_logprobs(output.prompt_logprobs, prompt_lens[j], len(sequences[j]),
-                                                 config.k + padded)
-            if not np.array_equal(ids[:, 0], sequences[j][prompt_lens[j]:]):
-                raise LopdError("vLLM returned prompt log-probs for different tokens than the stored ones")
-            ids = ids[:, 1:]
+        for j, output in zip(batch, logprobs(batch, margin)):
+            s, ids, lps = unpack(j, output, margin)
+            if padded and (ids < defined).sum(-1).min(initial=config.k) < config.k:
+                check_k(config.k, defined, engine.llm_engine.model_config.max_logprobs, padded=padded)
+                s, ids, lps = unpack(j, logprobs([j], padded)[0], padded)
             if padded:
                 ids, lps = best_defined(ids, lps, config.k, defined)
             sampled.append(s)
