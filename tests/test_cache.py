@@ -388,3 +388,14 @@ def test_discarded_damaged_shards_are_pending_again(score_set):
     assert [p.name for p in writer.pending(writer.plan(10))] == ["00000", "00002"]
     with pytest.raises(LopdError, match="incomplete"):
         open_cache(score_set)
+
+
+def test_cache_verify_names_the_repair_command(score_set):
+    from click.testing import CliRunner
+
+    from lopd.cli import main
+
+    shutil.rmtree(score_set / "shards" / "00001")
+    result = CliRunner().invoke(main, ["cache", "verify", str(score_set), "--root", str(score_set.parent.parent)])
+    assert result.exit_code == 1
+    assert "shard 00001: missing" in result.stdout and f"lopd cache repair {score_set}" in result.stderr

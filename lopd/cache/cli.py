@@ -72,6 +72,8 @@ def verify(ref, root, as_json):
     else:
         for name, problems in report.items():
             click.echo(f"{name}: {'ok' if not problems else '; '.join(problems)}")
+        for path in (p for p in paths if report[p.name]):
+            click.echo(f"repair: lopd cache repair {path}", err=True)
     if any(report.values()):
         raise SystemExit(1)
 
