@@ -47,7 +47,8 @@ class ScoreCache:
     At most `max_decoded_shards` decoded shards stay in memory (least recently used goes first), so host memory
     is bounded by the shard size, not the cache size; rows are copied out of their shard so a caller holding a
     row does not pin an evicted shard. Only the shards holding rows that are read get decoded at all, so each
-    training rank decodes just the shards of its own rows.
+    training rank decodes just the shards of its own rows, and the training order reads rows a window of
+    `max_decoded_shards` shards at a time (lopd.train.sampling), so each shard is decoded once per epoch.
     """
 
     def __init__(self, path: str | Path, verify: bool = True, max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS):
