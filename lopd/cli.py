@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from lopd.errors import LopdError
+from lopd.limits import option_type
 from lopd.storage import resolve_root
 
 EXPERIMENT_OPTION = click.option("--experiment", envvar="LOPD_EXPERIMENT", default="default", show_default=True,
@@ -26,33 +27,34 @@ def emit(obj) -> None:
 
 
 def train_config_options(command):
-    """One option per TrainConfig field, typed and range-checked from the field's metadata (lopd.train.config):
-    `lopd train` and pipeline train stages accept exactly the same settings, validated the same way."""
+    """One option per TrainConfig field, typed from the field and range-checked from lopd.limits (the same check
+    TrainConfig runs for pipeline files): `lopd train` and pipeline train stages accept exactly the same settings."""
     from dataclasses import MISSING, fields
     from typing import get_args, get_type_hints
 
+    from lopd.limits import LIMITS
     from lopd.train.config import TrainConfig
 
     hints = get_type_hints(TrainConfig)
     for f in reversed(fields(TrainConfig)):
-        meta = f.metadata
-        if not meta.get("cli", True):
+        if not f.metadata.get("cli", True):
             continue
         kind = hints[f.name]
-        inner = [t for t in get_args(kind) if t is not type(None)]
-        base = inner[0] if inner and kind is not tuple and getattr(kind, "__origin__", None) is not tuple else kind
-        kwargs: dict = {"default": None if f.default is MISSING else f.default, "help": meta["help"], "show_default": True}
+        args = [t for t in get_args(kind) if t is not type(None)]
+        tuple_of = args if getattr(kind, "__origin__", None) is tuple else None
+        base = args[0] if args and tuple_of is None else kind
+        kwargs: dict = {"default": None if f.default is MISSING else f.default, "help": f.metadata["help"],
+                        "show_default": True}
         if base is bool:
             kwargs.update(is_flag=True)
-        elif meta["choices"]:
-            kwargs.update(type=click.Choice(meta["choices"]))
+        elif f.metadata.get("choices"):
+            kwargs.update(type=click.Choice(f.metadata["choices"]))
+        elif f.name in LIMITS:
+            kwargs.update(type=LIMITS[f.name].click_type())
         else:
-            scalar = get_args(base)[0] if getattr(base, "__origin__", None) is tuple else base
-            ranged = {"min": meta["low"], "max": meta["high"], "min_open": meta["low_open"]}
-            bounded = scalar in (int, float) and (meta["low"] is not None or meta["high"] is not None)
-            kwargs.update(type={int: click.IntRange, float: click.FloatRange}[scalar](**ranged) if bounded else scalar)
-            if scalar is not base:
-                kwargs.update(nargs=len(get_args(base)))
+            kwargs.update(type=tuple_of[0] if tuple_of else base)
+        if tuple_of:
+            kwargs.update(nargs=len(tuple_of))
         command = click.option(f"--{f.name.replace('_', '-')}", f.name, **kwargs)(command)
     return command
 
@@ -108,6 +110,27 @@ def parse_refresh(items: tuple[str, ...]) -> dict:
     return policy
 
 
+def prompt_options(command):
+    """The prompt-source and sampling options `lopd rollout` and `lopd eval` share (same names, same checks)."""
+    for option in reversed([
+        click.option("--prompts", required=True, type=click.Path(),
+                     help="Prompt source: .jsonl, .parquet, .csv, a `datasets` save_to_disk directory, or "
+                          "hf:NAME[:CONFIG]:SPLIT."),
+        click.option("--prompt-field", default="prompt", show_default=True, help="Field that holds the prompt text."),
+        click.option("--answer-field", default="answer", show_default=True,
+                     help="Field that holds the reference answer (optional per row)."),
+        click.option("--chat", is_flag=True,
+                     help="Format each prompt with the model's chat template (one user turn + generation prompt)."),
+        click.option("--system-prompt", default=None, help="System turn placed before each prompt (needs --chat)."),
+        click.option("--n", default=1, show_default=True, type=option_type("n"), help="Samples per prompt."),
+        click.option("--temperature", default=1.0, show_default=True, type=option_type("temperature")),
+        click.option("--max-tokens", default=32, show_default=True, type=option_type("max_tokens")),
+        click.option("--seed", default=0, show_default=True),
+    ]):
+        command = option(command)
+    return command
+
+
 def find_artifact(ref: str, root: Path, kind: str) -> Path:
     """A path, or an id under <root>/<kind>/."""
     path = Path(ref)
@@ -119,24 +142,40 @@ def find_artifact(ref: str, root: Path, kind: str) -> Path:
     raise LopdError(f"{ref} is neither a path nor a known {kind[:-1]} id under {root / kind}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Lopd(click.Group):
+    """The root command: every user error (a LopdError, or a bad option click refuses) is one line on stderr and
+    exit code 2, never a traceback or a usage dump. Lives on the command itself so click's CliRunner sees what a
+    user sees."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except LopdError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            sys.exit(130)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as click would show it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=Lopd, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """lopd: offline on-policy distillation with a durable, shareable teacher cache."""
 
 
 @main.command()
 @click.option("--model", required=True, help="Model that generates (HF directory or hub name).")
-@click.option("--prompts", required=True, type=click.Path(),
-              help="Prompt source: .jsonl, .parquet, .csv, a `datasets` save_to_disk directory, or hf:NAME[:CONFIG]:SPLIT.")
-@click.option("--prompt-field", default="prompt", show_default=True, help="Field that holds the prompt text.")
-@click.option("--answer-field", default="answer", show_default=True, help="Field that holds the reference answer (optional per row).")
-@click.option("--chat", is_flag=True, help="Format each prompt with the model's chat template (one user turn + generation prompt).")
-@click.option("--system-prompt", default=None, help="System turn placed before each prompt (needs --chat).")
-@click.option("--n", default=1, show_default=True, help="Samples per prompt (one group per prompt).")
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--max-tokens", default=32, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@prompt_options
+@click.option("--top-p", default=1.0, show_default=True, type=option_type("top_p"))
 @click.option("--verifier", default=None, help="Reward function module:function, e.g. lopd.toy.words:verify.")
 @click.option("--tool", default=None,
               help="Tool environment module:attr, e.g. lopd.toy.calc:ENVIRONMENT: multi-turn generation with the tool's "
@@ -176,15 +215,15 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
 @main.command()
 @click.option("--teacher", required=True, help="Scoring model (HF directory or hub name); must share the student's vocabulary.")
 @click.option("--rollouts", "rollouts_ref", required=True, help="Rollout set directory or id.")
-@click.option("--k", default=8, show_default=True, help="Teacher top-k stored per position.")
+@click.option("--k", default=8, show_default=True, type=option_type("k"), help="Teacher top-k stored per position.")
 @click.option("--logprob-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
-@click.option("--max-batch-tokens", default=16384, show_default=True, help="Token budget per vLLM scoring call (bounds prompt-logprob memory).")
-@click.option("--rows-per-shard", default=1024, show_default=True)
+@click.option("--max-batch-tokens", default=16384, show_default=True, type=option_type("max_batch_tokens"), help="Token budget per vLLM scoring call (bounds prompt-logprob memory).")
+@click.option("--rows-per-shard", default=1024, show_default=True, type=option_type("rows_per_shard"))
 @click.option("--context", "--context-template", "context", default=None,
               help="Privileged context for a self-teacher: a preset (answer, wrong_answer, concise) or a template "
                    "such as '{answer}|' over the row's prompt, answer, prompt_id, wrong_answer; spliced before the "
                    "prompt (after BOS) for scoring only; part of the cache key.")
-@click.option("--context-slice", default=0, show_default=True,
+@click.option("--context-slice", default=0, show_default=True, type=option_type("context_slice"),
               help="Score with only the prompt's last N tokens (OPSDL's short-context self-teacher); 0 keeps it all.")
 @click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Score only shards i, i+N, ... (i/N) for multi-node jobs.")
 @click.option("--out", type=click.Path(file_okay=False), default=None)
@@ -198,6 +237,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
     The engine's context is the longest stored row plus one token (every row fits) and its prefill chunk is
     4,096 tokens (bounds memory); --engine-arg max_model_len=N / max_num_batched_tokens=N override them.
     """
+    from lopd.cache.cli import report_score
     from lopd.rollout_set import RolloutSet
     from lopd.score import ScoreConfig, score as run
 
@@ -208,10 +248,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
                          context=context, context_slice=context_slice)
     result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec), experiment=experiment,
                  engine_args=engine_args)
-    if result.reused:
-        click.echo(f"cache hit: score set {result.id} already holds these scores; no teacher work done", err=True)
-    emit({"score_set": result.id, "path": result.path, "reused": result.reused,
-          "teacher_seconds": round(result.teacher_seconds, 2), "positions": result.positions})
+    report_score(result)
 
 
 @main.command()
@@ -249,10 +286,10 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
                         "itself runs no vLLM engine)")
     if (cache_ref is None) == (rollouts_ref is None):
         raise LopdError("pass exactly one of --cache (a score set) or --rollouts (a rollout set, for --loss sft)")
-    source = (open_cache(find_artifact(cache_ref, root, "scores")) if cache_ref
-              else RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts")))
     refresh = parse_refresh(refresh_args)
     config = TrainConfig(loss=loss, loss_args=parse_pairs(loss_args, "--loss-arg"), refresh=refresh, **options)
+    source = (open_cache(find_artifact(cache_ref, root, "scores"), max_decoded_shards=config.max_decoded_shards)
+              if cache_ref else RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts")))
     context = None
     if refresh:
         if not teacher:
@@ -262,7 +299,7 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
 
         context = RefreshContext(teacher, EnginePool(max_logprobs=max(source.k, 1), engine_args=engine_args), root,
                                  experiment)
-    attached = {field: open_cache(find_artifact(ref, root, "scores"))
+    attached = {field: open_cache(find_artifact(ref, root, "scores"), max_decoded_shards=config.max_decoded_shards)
                 for field, ref in (("base_logprobs", base_ref), ("contrast_logprobs", contrast_ref)) if ref}
     result = run(student, source, config, Path(out), root=root, experiment=experiment, attached=attached,
                  refresh_context=context)
@@ -272,23 +309,26 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
 
 @main.command("eval")
 @click.option("--model", required=True)
-@click.option("--prompts", required=True, type=click.Path())
-@click.option("--verifier", default="lopd.toy.words:verify", show_default=True)
-@click.option("--n", default=1, show_default=True)
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--max-tokens", default=32, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@prompt_options
+@click.option("--verifier", required=True,
+              help="Reward function module:function scoring each response, e.g. lopd.toy.words:verify.")
 @click.option("--tool", default=None, help="Tool environment module:attr (as for `lopd rollout --tool`).")
 @ENGINE_ARG_OPTION
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def eval_(model, prompts, verifier, n, temperature, max_tokens, seed, tool, engine_arg_items, experiment, root):
+def eval_(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, max_tokens, seed, verifier,
+          tool, engine_arg_items, experiment, root):
     """Accuracy of a model on a prompt set (vLLM sampling + verifier)."""
     from lopd.evaluate import evaluate
+    from lopd.prompts import PromptFormat, load_prompts
 
     engine_args = parse_engine_args(engine_arg_items)
-    emit(evaluate(model, prompts, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                  root=resolve_root(root), experiment=experiment, tool=tool, engine_args=engine_args).as_dict())
+    prompt_format = PromptFormat(chat=chat, system_prompt=system_prompt)
+    prompt_format.validate()
+    rows = load_prompts(prompts, prompt_field, answer_field)
+    emit(evaluate(model, rows, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                  root=resolve_root(root), experiment=experiment, prompt_format=prompt_format, tool=tool,
+                  engine_args=engine_args).as_dict())
 
 
 @main.command()
@@ -308,7 +348,7 @@ def toy():
 
 @toy.command("prompts")
 @click.option("--split", type=click.Choice(["teacher", "sft", "opd", "eval", "test"]), required=True)
-@click.option("--n", default=500, show_default=True)
+@click.option("--n", default=500, show_default=True, type=option_type("n"))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--world", type=click.Choice(["words", "calc"]), default="words", show_default=True,
               help="calc: calculator expressions for `--tool lopd.toy.calc:ENVIRONMENT --verifier lopd.toy.calc:verify`.")
@@ -354,7 +394,7 @@ def diagnose():
 @click.option("--student", required=True, help="Student checkpoint (HF directory or hub name).")
 @click.option("--signal", default="rkl_topk", show_default=True, help="Registered loss used as the teacher signal.")
 @click.option("--signal-arg", "signal_args", multiple=True, help="Signal loss hyperparameter key=value (repeatable).")
-@click.option("--rows", default=256, show_default=True, help="Rollouts analysed (sampled by --seed among those with A_GRPO != 0).")
+@click.option("--rows", default=256, show_default=True, type=option_type("rows"), help="Rollouts analysed (sampled by --seed among those with A_GRPO != 0).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Report directory (default: <root>/diagnostics/alignment-<cache>-<student fp>-<signal>).")
@@ -390,16 +430,7 @@ _attach_subcommands()
 
 
 def run() -> None:
-    try:
-        main(standalone_mode=False)
-    except LopdError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    main()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import enum
+import functools
 import json
 import logging
 import os
@@ -87,14 +88,61 @@ def check_cpu_head_dim(model: str, config: dict[str, Any]) -> None:
         )
 
 
-def check_k(k: int, config: dict[str, Any], max_logprobs: int | None = None) -> None:
-    vocab = vocab_size(config)
+def check_k(k: int, vocab: int, max_logprobs: int | None = None, padded: int = 0) -> None:
+    """`vocab`: the ids the teacher's tokenizer defines; `padded`: extra log-probs scoring asks for beyond k, for
+    ids of a padded embedding the tokenizer does not define (lopd.score.padded_ids)."""
     if k < 0:
         raise LopdError(f"--k must be >= 0, got {k}")
     if k > vocab:
         raise LopdError(f"--k {k} is larger than the teacher vocabulary ({vocab}); use --k <= {vocab}")
-    if max_logprobs is not None and k > max_logprobs:
-        raise LopdError(f"--k {k} is larger than the engine's max_logprobs ({max_logprobs}); raise --max-logprobs or lower --k")
+    if max_logprobs is not None and k + padded > max_logprobs:
+        needed = f"{k} + {padded} for padded vocabulary ids = {k + padded}" if padded else str(k)
+        raise LopdError(f"--k {needed} log-probs is more than the engine's max_logprobs ({max_logprobs}); "
+                        "raise max_logprobs (a pipeline's `max_logprobs`) or lower --k")
+
+
+def _engine_core_main(parent_pid: int, *args, **kwargs):
+    """vLLM's EngineCore process entry point, first arming a watchdog: when the lopd process that started the
+    engine dies (kill -9 included, which runs no cleanup), the engine core exits too and takes its workers with
+    it (they watch it through vLLM's death pipe). Without it a killed `lopd score` left ~2.4 GB of engine
+    processes running indefinitely, waiting on a socket nobody would write to again."""
+    import threading
+
+    from vllm.v1.engine.core import EngineCoreProc
+
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="lopd-parent-watch").start()
+    original = EngineCoreProc.run_engine_core
+    if isinstance(original, functools.partial):  # forked: the patched class attribute came along
+        original = _ORIGINAL_RUN_ENGINE_CORE
+    return original(*args, **kwargs)
+
+
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5, grace_s: float = 5.0) -> None:
+    """Poll the parent pid (an orphan is re-parented, so getppid changes); then SIGTERM this process, which vLLM
+    handles by shutting down its workers, and SIGKILL it if that has not finished after `grace_s`. Polling,
+    unlike PR_SET_PDEATHSIG, does not fire when merely the thread that started the engine exits."""
+    import signal
+    import time
+
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+_ORIGINAL_RUN_ENGINE_CORE = None
+
+
+def _engine_dies_with_this_process() -> None:
+    """Route vLLM's EngineCore process start through `_engine_core_main` bound to this process's pid. A partial
+    of a module-level function pickles by reference, so it works under both fork and spawn start methods."""
+    global _ORIGINAL_RUN_ENGINE_CORE
+    from vllm.v1.engine.core import EngineCoreProc
+
+    if _ORIGINAL_RUN_ENGINE_CORE is None:
+        _ORIGINAL_RUN_ENGINE_CORE = EngineCoreProc.run_engine_core
+    EngineCoreProc.run_engine_core = functools.partial(_engine_core_main, os.getpid())
 
 
 def model_context(config: dict[str, Any]) -> int | None:
@@ -297,6 +345,7 @@ def build_llm(
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM
 
+    _engine_dies_with_this_process()
     print("lopd: vLLM engine " + " ".join(f"{k}={v}" for k, v in kwargs.items()), file=sys.stderr)
     return LLM(**kwargs)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lopd.cache.reader import ScoreCache
-from lopd.engine import resolve_model
+from lopd.engine import model_config, resolve_model, vocab_size
 from lopd.errors import LopdError
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
 from lopd.lineage import read_lineage
@@ -27,6 +27,8 @@ def check_training_inputs(student: str, source: ScoreCache | RolloutSet, *, allo
     rollouts = source.rollouts if isinstance(source, ScoreCache) else source
     recorded = (source.manifest if isinstance(source, ScoreCache) else source.meta)["tokenizer_fingerprint"]
     check_student_vocabulary(student, recorded, rollouts)
+    if isinstance(source, ScoreCache):
+        check_topk_ids_fit(student, source)
     if isinstance(source, ScoreCache) and not allow_lineage_mismatch:
         check_student_lineage(student, rollouts)
 
@@ -42,6 +44,19 @@ def check_student_vocabulary(student: str, recorded_fingerprint: str, rollouts: 
             f"the student {student} has a different vocabulary from the tokenizer that wrote rollout set "
             f"{rollouts.id} ({rollouts.meta['model']}); its stored token ids would mean other strings: train a "
             f"student with that tokenizer, or roll out and score again with this one"
+        )
+
+
+def check_topk_ids_fit(student: str, cache: ScoreCache) -> None:
+    """A score set of a padded teacher made before lopd kept padded ids out of the top-k can hold ids the student's
+    embedding does not have; training would crash at its first step with an index error."""
+    bound = cache.manifest["config"].get("topk_ids_below", cache.manifest.get("vocab_size"))
+    student_vocab = vocab_size(model_config(student))
+    if bound is not None and bound > student_vocab:
+        raise LopdError(
+            f"score set {cache.id} may hold top-k ids up to {bound - 1} (its teacher's padded vocabulary) but the "
+            f"student {student} has {student_vocab} ids; score it again with this lopd, which keeps ids the "
+            f"tokenizer does not define out of the top-k"
         )
 
 

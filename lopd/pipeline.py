@@ -25,6 +25,7 @@ from typing import Any
 
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json
+from lopd.limits import check_params
 from lopd.storage import read_json, write_json_atomic
 
 STAGE_KINDS = ("rollout", "score", "train", "eval")
@@ -194,12 +195,22 @@ class Plan:
                 for s in self.stages]
 
 
+def check_stage(stage: Stage) -> None:
+    """The checks the command line makes on the same options (lopd.limits), so a bad number in a pipeline file
+    stops the run before its first engine starts, not a stage later."""
+    check_params(stage.params, f"pipeline stage {stage.id!r}")
+    if stage.kind == "eval" and not stage.params.get("verifier"):
+        raise LopdError(f"pipeline stage {stage.id!r}: an eval stage needs `verifier = \"module:function\"`")
+
+
 def plan(spec: dict[str, Any], root: Path) -> list[Plan]:
+    check_params({"max_logprobs": spec.get("max_logprobs")}, f"pipeline {spec['name']!r}")
     plans = []
     for seed in spec.get("seeds", [0]):
         stages = expand_stages(spec)
         for stage in stages:
             stage.params.setdefault("seed", seed)
+            check_stage(stage)
         resolve_dependencies(stages, spec)
         plans.append(Plan(seed, stages, RunState(root / "runs" / spec["name"] / f"seed{seed}" / "state.json")))
     return plans

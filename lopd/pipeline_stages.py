@@ -141,12 +141,13 @@ class StageRunner:
             source = None
             batches = self.online_sampler(p, student, outputs, config).factory()
         elif "cache" in p:
-            source = open_cache(outputs[p["cache"]]["path"])
+            source = open_cache(outputs[p["cache"]]["path"], max_decoded_shards=config.max_decoded_shards)
         elif "rollouts" in p:
             source = RolloutSet.open(outputs[p["rollouts"]]["path"])
         else:
             raise LopdError(f"pipeline stage {stage.id!r}: a train stage needs `cache`, `rollouts` or `online = true`")
-        attached = {field: open_cache(outputs[p[key]]["path"]) for key, field in ATTACHED_STAGE_KEYS.items() if key in p}
+        attached = {field: open_cache(outputs[p[key]]["path"], max_decoded_shards=config.max_decoded_shards)
+                    for key, field in ATTACHED_STAGE_KEYS.items() if key in p}
         refresh = None
         if config.refresh:
             refresh = RefreshContext(self.model_path(p["teacher"], outputs), self.engines(), self.root,

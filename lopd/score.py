@@ -9,7 +9,7 @@ stays bounded.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
-from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, scores_dir
+from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, damaged_shards, scores_dir
 from lopd.contexts import expand_context, teacher_prompts
 from lopd.cost.ledger import record_stage
 from lopd.engine import (SCORING_BATCHED_TOKENS, build_llm, check_k, engine_context, model_config,
@@ -30,6 +30,9 @@ from lopd.rollout_set import RolloutSet
 from lopd.storage import read_json
 
 LOGPROB_FLOOR = -1e4  # keeps float16 finite; any log-prob below it is "impossible" for every loss
+# Extra log-probs asked of a teacher with a padded vocabulary (lopd.score.padded_ids) so its k best defined ids
+# are among those returned; a row where more padded ids than this outrank them is asked again exactly.
+PADDED_MARGIN = 8
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ScoreResult:
     reused: bool
     teacher_seconds: float
     positions: int
+    repaired: dict[str, str] = field(default_factory=dict)  # shard -> why it was rescored (missing, corrupt)
 
 
 def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
@@ -74,6 +78,13 @@ def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
             "teacher and student tokenizers have different vocabularies; cross-tokenizer distillation is not "
             "supported yet: use a teacher that shares the student's tokenizer"
         )
+
+
+def padded_ids(teacher_config: dict, tokenizer) -> int:
+    """How many ids the teacher's embedding has beyond those its tokenizer defines (Qwen3 pads 151,669 tokens to
+    151,936). They are never generated, and the student may not even have them, so they are kept out of the
+    cached top-k; their probability mass stays in the tail."""
+    return max(vocab_size(teacher_config) - len(tokenizer), 0)
 
 
 def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: ScoreConfig,
@@ -95,6 +106,8 @@ def score_set_identity(teacher: str, tokenizer, rollouts: RolloutSet, config: Sc
         identity["config"]["context_slice"] = config.context_slice
     if numeric_engine_args(engine_args or {}):
         identity["config"]["engine_args"] = numeric_engine_args(engine_args or {})
+    if padded_ids(model_config(teacher), tokenizer):  # likewise; and sets that cached padded ids are not reused
+        identity["config"]["topk_ids_below"] = len(tokenizer)
     return identity
 
 
@@ -110,9 +123,14 @@ def score(
     quiet: bool = False,
     experiment: str = "default",
     engine_args: Mapping[str, Any] | None = None,
+    expect_id: str | None = None,
 ) -> ScoreResult:
-    """Score (or find already scored) `rollouts` with `teacher`. `engine_args` are vLLM engine options (checked by
-    `lopd.engine.check_engine_args`; with `llm`, the ones it was built with).
+    """Score `rollouts` with `teacher` into the score set their identity names, or finish or repair it.
+
+    A set that already exists is checked first: its committed shards that are missing or fail their checksum
+    are rescored along with any never written (an intact complete set is a cache hit). `expect_id` (repair)
+    refuses to proceed when today's teacher, tokenizer or engine would make a different set. `engine_args` are
+    vLLM engine options (checked by `lopd.engine.check_engine_args`; with `llm`, the ones it was built with).
 
     The engine's context is sized from the longest stored row (prompt + response + the one output token vLLM
     requires), unless `max_model_len` is given; a row that cannot fit is an error before anything is written.
@@ -121,21 +139,31 @@ def score(
     engine_args = dict(engine_args or {})
     teacher = resolve_model(teacher)
     teacher_config = model_config(teacher)
-    check_k(config.k, teacher_config, max_logprobs=llm.llm_engine.model_config.max_logprobs if llm else None)
     tokenizer = load_tokenizer(teacher)
-    check_same_vocabulary(tokenizer, rollouts)
+    padded = padded_ids(teacher_config, tokenizer)
     vocab = vocab_size(teacher_config)
+    check_k(config.k, vocab - padded, max_logprobs=llm.llm_engine.model_config.max_logprobs if llm else None,
+            padded=min(padded, PADDED_MARGIN))
+    check_same_vocabulary(tokenizer, rollouts)
 
     header = score_set_identity(teacher, tokenizer, rollouts, config, engine_args)
     set_id = "s-" + digest_json(header)
+    if expect_id is not None and set_id != expect_id:
+        raise LopdError(f"score set {expect_id} cannot be repaired here: this teacher, tokenizer and engine version "
+                        f"would make score set {set_id} (the vLLM version or the teacher's files changed); "
+                        "rescore with `lopd score` into a new set")
     path = Path(out) if out else scores_dir(root) / set_id
     manifest_path = path / MANIFEST
+    damaged: dict[str, str] = {}
     if manifest_path.is_file():
         existing = read_json(manifest_path)
-        if existing.get("id") == set_id and existing.get("complete"):
-            with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
-                rec.cache_hit = True
-            return ScoreResult(path, set_id, True, 0.0, sum(s["positions"] for s in existing["shards"].values()))
+        if existing.get("id") == set_id:
+            damaged = damaged_shards(path, existing)
+            if existing.get("complete") and not damaged:
+                with record_stage(root, experiment=experiment, stage="score", artifact=set_id,
+                                  inputs=[rollouts.id]) as rec:
+                    rec.cache_hit = True
+                return ScoreResult(path, set_id, True, 0.0, sum(s["positions"] for s in existing["shards"].values()))
 
     prompts = rollouts.prompt_ids
     if config.context or config.context_slice:
@@ -147,16 +175,18 @@ def score(
     header["teacher"]["model"] = teacher  # where it was loaded from: informative, not part of the id
     header["rollout_set"]["path"] = _relative(rollout_path, path.resolve())
     writer = ScoreSetWriter(path, header, rows_per_shard=config.rows_per_shard)
+    writer.discard(list(damaged))
     plans = writer.plan(len(rollouts), shard_of)
 
     with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
-        engine = llm or build_llm(teacher, max_logprobs=config.k, engine_args=engine_args,
+        engine = llm or build_llm(teacher, max_logprobs=config.k + padded, engine_args=engine_args,
                                   defaults={"max_model_len": needed, "max_num_batched_tokens": SCORING_BATCHED_TOKENS})
-        result = _score_shards(writer, plans, teacher_config, rollouts, prompts, config, vocab, set_id, engine, quiet)
+        result = _score_shards(writer, plans, rollouts, prompts, config, vocab, padded, set_id, engine, quiet)
         rec.tokens = result.positions
     manifest = writer.finish(len(rollouts))
     if not manifest.get("complete") and shard_of == (0, 1):
         raise LopdError(f"score set {set_id} is still incomplete after scoring; rerun the same command")
+    result.repaired = damaged
     return result
 
 
@@ -184,8 +214,9 @@ def check_rows_fit(teacher: str, teacher_config: dict, rollouts: RolloutSet, pro
     return needed
 
 
-def _score_shards(writer, plans, teacher_config, rollouts, prompts, config, vocab, set_id, engine, quiet) -> ScoreResult:
-    check_k(config.k, teacher_config, max_logprobs=engine.llm_engine.model_config.max_logprobs)
+def _score_shards(writer, plans, rollouts, prompts, config, vocab, padded, set_id, engine, quiet) -> ScoreResult:
+    check_k(config.k, vocab - padded, max_logprobs=engine.llm_engine.model_config.max_logprobs,
+            padded=min(padded, PADDED_MARGIN))
     todo = writer.pending(plans)
     total = sum(len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i])
                 for p in todo for i in range(p.start, p.stop))
@@ -200,7 +231,8 @@ def _score_shards(writer, plans, teacher_config, rollouts, prompts, config, voca
                     if not mine:
                         continue
                     start = time.perf_counter()
-                    arrays = score_rows(engine, rollouts, plan, config, id_dtype(vocab), bar, prompts)
+                    arrays = score_rows(engine, rollouts, plan, config, id_dtype(vocab), bar, prompts,
+                                        padded=padded, defined=vocab - padded)
                     seconds = time.perf_counter() - start
                     writer.commit(plan, arrays, {"teacher_seconds": round(seconds, 3)})
                     teacher_seconds += seconds
@@ -229,26 +261,41 @@ def token_budget_batches(lengths: list[int], budget: int) -> Iterator[list[int]]
 
 
 def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfig, ids_dtype, bar,
-               prompt_ids: list[np.ndarray]) -> dict[str, np.ndarray]:
+               prompt_ids: list[np.ndarray], padded: int = 0, defined: int = 0) -> dict[str, np.ndarray]:
     """Teacher signal for the shard's rows; `prompt_ids` are what the teacher sees before each stored response
-    (the stored prompt, or it with a privileged context spliced in)."""
+    (the stored prompt, or it with a privileged context spliced in).
+
+    A padded teacher (`padded` ids at and above `defined`, lopd.score.padded_ids) keeps the k best defined ids.
+    vLLM is asked for PADDED_MARGIN extra log-probs, which is enough unless more than that many padded ids
+    outrank a position's k-th defined id; such a row is asked again with one extra per padded id, exactly."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, prompt_logprobs=config.k, flat_logprobs=True, detokenize=False)
+    def logprobs(indices: list[int], extra: int) -> list:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=config.k + extra, flat_logprobs=True, detokenize=False)
+        return engine.generate([{"prompt_token_ids": sequences[j].tolist()} for j in indices], params, use_tqdm=False)
+
+    def unpack(j: int, output, extra: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s, ids, lps = unpack_prompt_logprobs(output.prompt_logprobs, prompt_lens[j], len(sequences[j]),
+                                             config.k + extra)
+        if not np.array_equal(ids[:, 0], sequences[j][prompt_lens[j]:]):
+            raise LopdError("vLLM returned prompt log-probs for different tokens than the stored ones")
+        return s, ids[:, 1:], lps
+
     rows = list(range(plan.start, plan.stop))
     sequences = [np.concatenate([prompt_ids[i], rollouts.response_ids[i]]) for i in rows]
     prompt_lens = [len(prompt_ids[i]) for i in rows]
+    margin = min(padded, PADDED_MARGIN)
     sampled, top_ids, top_lps = [], [], []
     for batch in token_budget_batches([len(s) for s in sequences], config.max_batch_tokens):
-        outputs = engine.generate(
-            [{"prompt_token_ids": sequences[j].tolist()} for j in batch], params, use_tqdm=False
-        )
-        for j, output in zip(batch, outputs):
-            s, ids, lps = unpack_prompt_logprobs(output.prompt_logprobs, prompt_lens[j], len(sequences[j]), config.k)
-            if not np.array_equal(ids[:, 0], sequences[j][prompt_lens[j]:]):
-                raise LopdError("vLLM returned prompt log-probs for different tokens than the stored ones")
+        for j, output in zip(batch, logprobs(batch, margin)):
+            s, ids, lps = unpack(j, output, margin)
+            if padded and (ids < defined).sum(-1).min(initial=config.k) < config.k:
+                check_k(config.k, defined, engine.llm_engine.model_config.max_logprobs, padded=padded)
+                s, ids, lps = unpack(j, logprobs([j], padded)[0], padded)
+            if padded:
+                ids, lps = best_defined(ids, lps, config.k, defined)
             sampled.append(s)
-            top_ids.append(ids[:, 1:])
+            top_ids.append(ids)
             top_lps.append(lps)
             bar.update(len(sequences[j]))
     lengths = [len(s) for s in sampled]
@@ -262,6 +309,12 @@ def score_rows(engine, rollouts: RolloutSet, plan: ShardPlan, config: ScoreConfi
         "topk_logprobs": _store(topk_lp, dtype),
         "tail_logprob": _store(tail, dtype),
     }
+
+
+def best_defined(ids: np.ndarray, lps: np.ndarray, k: int, defined: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per position, the first k columns (columns are in rank order) whose id is below `defined`."""
+    columns = np.argsort(ids >= defined, axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, columns, -1), np.take_along_axis(lps, columns, -1)
 
 
 def _store(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -223,6 +223,13 @@ def invoke(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=True)
 
 
+def assert_one_line_error(result, needle: str) -> None:
+    """What the user sees from `lopd` (lopd.cli.Lopd): exit code 2 and one `error:` line naming the problem."""
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
+        result.stderr
+
+
 def test_row_advantages_are_grpo_over_whole_groups(small_root):
     from lopd.rollout_set import RolloutSet
 
@@ -283,13 +290,13 @@ def test_one_line_errors(tmp_path, small_root):
             check_token_filter("aligned", rollouts)
     cache = make_score_set(root, singles)
     result = invoke("diagnose", "alignment", "--cache", str(cache.path), "--student", STUDENT, "--root", str(root))
-    assert isinstance(result.exception, LopdError) and "--n N" in str(result.exception)
+    assert_one_line_error(result, "--n N")
     equal = make_score_set(root, make_rollout_set(root / "rollouts" / "r-equal", rollout_records([[1, 1], [0, 0]])))
     result = invoke("diagnose", "alignment", "--cache", str(equal.path), "--student", STUDENT, "--root", str(root))
-    assert isinstance(result.exception, LopdError) and "equal rewards" in str(result.exception)
+    assert_one_line_error(result, "equal rewards")
     result = invoke("diagnose", "alignment", "--cache", "s-r-align", "--student", STUDENT, "--signal", "exopd",
                     "--root", str(small_root))
-    assert isinstance(result.exception, LopdError) and "base_logprobs" in str(result.exception)
+    assert_one_line_error(result, "base_logprobs")
     with pytest.raises(LopdError, match="online"):
         check_token_filter("aligned", None)
     with pytest.raises(LopdError, match="refresh"):

@@ -321,3 +321,81 @@ def test_gc_removes_only_unreferenced_entries(score_set, rollout_set, tmp_path):
     (tmp_path / "rollouts" / "r-orphan" / "meta.json").write_text(json.dumps({"id": "r-orphan"}))
     assert [p.name for p in collect(tmp_path, dry_run=False)] == ["r-orphan"]
     assert not (tmp_path / "rollouts" / "r-orphan").exists() and score_set.is_dir()
+
+
+@pytest.fixture()
+def many_shards(tmp_path):
+    """A complete 20-shard score set (2 rows per shard) over 40 synthetic rollouts."""
+    rng = np.random.default_rng(3)
+    model = str(STUDENT_BASE_DIR)
+    meta = {"id": "r-many", "model": model, "model_fingerprint": model_fingerprint(model),
+            "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(model))}
+    rollouts = write_rollout_set(tmp_path / "rollouts" / "r-many", synthetic_rows(40, rng), meta)
+    header = {"id": "s-many", "kind": "score_set", "teacher": {"model": "t", "fingerprint": "f"},
+              "rollout_set": {"id": rollouts.id, "content_digest": rollouts.meta["content_digest"],
+                              "path": "../../rollouts/r-many"},
+              "config": {"k": 4, "logprob_dtype": "float16"}, "num_rows": 40}
+    writer = ScoreSetWriter(tmp_path / "scores" / "s-many", header, rows_per_shard=2)
+    for plan in writer.plan(40):
+        with writer.claim(plan):
+            writer.commit(plan, synthetic_shard(rollouts, plan.start, plan.stop, 4, rng))
+    assert writer.finish(40)["complete"]
+    return tmp_path / "scores" / "s-many"
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_trainer_data_path_keeps_at_most_the_configured_decoded_shards(many_shards, monkeypatch, limit):
+    """Before: every shard read stayed decoded for the whole run (20 here); now at most `limit` at any time, and
+    the shard-window shuffle decodes each of this rank's shards once per epoch instead of once per row."""
+    from lopd.cache import reader
+    from lopd.train import distributed
+    from lopd.train.data import SequenceDataset
+    from lopd.train.trainer import TrainConfig, offline_batches
+
+    config = TrainConfig(loss="rkl_topk", seed=0, max_decoded_shards=limit)
+    cache = open_cache(many_shards, max_decoded_shards=config.max_decoded_shards)
+    decoded: list[str] = []
+    real_read = reader.read_shard
+    monkeypatch.setattr(reader, "read_shard", lambda path: decoded.append(path.name) or real_read(path))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # this process is rank 1 of 2
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    stream = offline_batches(SequenceDataset(cache), config, micro=4, pad_id=0)
+    rows = []
+    for _ in range(5):  # one epoch of this rank's 20 rows
+        batch = next(stream)
+        rows += batch.rows.tolist()
+        assert cache.decoded_shards <= limit
+    assert len(rows) == 20 and len(set(rows)) == 20
+    assert set(decoded) == {cache.shard_of(r)[0] for r in rows}  # only the shards this rank's rows live in
+    assert cache.decodes == len(decoded) == len(set(decoded))
+    assert cache[rows[0]].topk_ids.base is None  # rows are copies: holding one does not pin an evicted shard
+    with pytest.raises(LopdError, match="--max-decoded-shards must be at least 1"):
+        open_cache(many_shards, max_decoded_shards=0)
+
+
+def test_discarded_damaged_shards_are_pending_again(score_set):
+    """The writer's side of repair: damaged committed shards are un-committed, the set marked incomplete, and
+    only they are offered to the next writer."""
+    from lopd.cache.score_set import damaged_shards
+
+    shutil.rmtree(score_set / "shards" / "00000")
+    flip_one_byte(score_set / "shards" / "00002")
+    writer = ScoreSetWriter(score_set, {"id": "s-synthetic"}, rows_per_shard=4)
+    damaged = damaged_shards(score_set, writer.manifest())
+    assert damaged == {"00000": "missing", "00002": "checksum mismatch (truncated or modified)"}
+    writer.discard(list(damaged))
+    assert not writer.manifest()["complete"]
+    assert [p.name for p in writer.pending(writer.plan(10))] == ["00000", "00002"]
+    with pytest.raises(LopdError, match="incomplete"):
+        open_cache(score_set)
+
+
+def test_cache_verify_names_the_repair_command(score_set):
+    from click.testing import CliRunner
+
+    from lopd.cli import main
+
+    shutil.rmtree(score_set / "shards" / "00001")
+    result = CliRunner().invoke(main, ["cache", "verify", str(score_set), "--root", str(score_set.parent.parent)])
+    assert result.exit_code == 1
+    assert "shard 00001: missing" in result.stdout and f"lopd cache repair {score_set}" in result.stderr

@@ -88,7 +88,40 @@ def test_record_stage_times_the_block_and_records_failures(tmp_path: Path):
     ok, failed = read_rows(tmp_path)
     assert (ok["artifact"], ok["inputs"], ok["tokens"], ok["device_count"]) == ("S", ["R"], 42, 3)
     assert ok["device_seconds"] == pytest.approx(3 * ok["wall_seconds"]) and ok["wall_seconds"] >= 0
-    assert failed["method"] == "gkd" and failed["extra"] == {"failed": True, "error": "ValueError"}
+    assert failed["method"] == "gkd" and failed["extra"] == {"failed": True, "error": "ValueError", "outcome": "failed"}
+    assert (ok["outcome"], failed["outcome"]) == ("ok", "failed")
+    assert not list((tmp_path / "ledger.open").iterdir())  # open-run files go once the row is written
+
+
+def test_interrupted_and_killed_runs_are_recorded_as_killed_and_shown_apart(tmp_path: Path):
+    """Before: a Ctrl-C'd run was recorded like any failure and a SIGKILLed one not at all, and `lopd cost`
+    showed neither apart. Now both are outcome "killed" (the SIGKILLed one found by the next ledger read)."""
+    import subprocess
+    import sys
+
+    append_row(tmp_path, _row("A", "train", 10, method="gkd"))
+    with pytest.raises(KeyboardInterrupt):
+        with record_stage(tmp_path, experiment="A", stage="score") as rec:
+            rec.device_kind, rec.device_count = "cpu", 1
+            raise KeyboardInterrupt
+    script = ("import os, signal, time; from lopd.cost.ledger import record_stage\n"
+              "with record_stage(os.environ['ROOT'], experiment='B', stage='train', method='rkl_topk') as rec:\n"
+              "    rec.device_kind, rec.device_count = 'cpu', 1\n"
+              "    time.sleep(0.3); os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, "ROOT": str(tmp_path)})
+    assert killed.returncode == -9
+    assert [r["outcome"] for r in read_rows(tmp_path)] == ["ok", "killed"]  # the SIGKILLed run wrote nothing
+
+    summary = json.loads(CliRunner().invoke(cost, ["--root", str(tmp_path), "--json"], catch_exceptions=False).output)
+    assert [(u["outcome"], u["experiment"], u["stage"], u["runs"]) for u in summary["unfinished"]] == [
+        ("killed", "A", "score", 1), ("killed", "B", "train", 1)]
+    rows = read_rows(tmp_path)
+    assert [r["outcome"] for r in rows] == ["ok", "killed", "killed"]
+    assert rows[2]["method"] == "rkl_topk" and rows[2]["extra"]["error"] == "killed (no exit ran)"
+    assert 0 <= rows[2]["wall_seconds"] < 5
+    text = CliRunner().invoke(cost, ["--root", str(tmp_path)], catch_exceptions=False).output
+    assert "runs that did not finish" in text
+    assert len(read_rows(tmp_path)) == 3  # reaped once
 
 
 def _append_many(root: str, writer: int, count: int, start) -> None:

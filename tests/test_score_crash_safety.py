@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -88,3 +90,60 @@ def test_two_concurrent_scorers_do_not_lose_rows(job, tmp_path):
     for proc, log in zip(procs, logs):
         assert finish(proc) == 0, log.read_text()[-2000:]
     assert_same_cache(out, reference)
+
+
+@pytest.mark.parametrize("how", ["rerun lopd score", "lopd cache repair"])
+def test_a_damaged_set_is_repaired_by_rescoring_exactly_its_damaged_shards(job, pool, how):
+    """Before: after a shard was deleted or corrupted, rerunning `lopd score` was a cache hit and the set stayed
+    broken (only deleting the whole set helped). Now the rerun (or `lopd cache repair`) rescores just those."""
+    from lopd.cache.admin import repair
+    from test_cache import flip_one_byte
+
+    rollouts, reference = job
+    root = reference.path.parent.parent
+    path = root / f"repair-{how.split()[-1]}" / reference.id  # same depth: the manifest's relative rollout path holds
+    shutil.copytree(reference.path, path)
+    shutil.rmtree(path / "shards" / "00001")
+    flip_one_byte(path / "shards" / "00003")
+    untouched = {name: (path / "shards" / name / "zarr.json").stat().st_mtime_ns for name in ("00000", "00002")}
+    assert verify(path) == ["shard 00001: missing", "shard 00003: checksum mismatch (truncated or modified)"]
+    if how == "lopd cache repair":
+        result = repair(path, root, llm=pool.get(TEACHER))
+    else:
+        config = ScoreConfig(k=8, rows_per_shard=16, logprob_dtype="float32")
+        result = score(TEACHER, rollouts, config, root=root, out=path, llm=pool.get(TEACHER), quiet=True)
+    assert not result.reused and sorted(result.repaired) == ["00001", "00003"]
+    assert result.positions == sum(reference.manifest["shards"][n]["positions"] for n in ("00001", "00003"))
+    assert {name: (path / "shards" / name / "zarr.json").stat().st_mtime_ns for name in untouched} == untouched
+    assert_same_cache(path, reference)
+    assert score(TEACHER, rollouts, ScoreConfig(k=8, rows_per_shard=16, logprob_dtype="float32"), root=root, out=path,
+                 llm=pool.get(TEACHER), quiet=True).reused  # intact again: a plain cache hit
+
+
+def live_session_members(sid: int) -> list[str]:
+    """Processes of session `sid` still running (zombies hold no memory and are left to whoever reaps them)."""
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(f"{proc.pid} {proc.info['name']}")
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return members
+
+
+def test_killed_scorer_leaves_no_engine_processes(job, tmp_path):
+    """Before: `lopd score` killed with SIGKILL left its vLLM EngineCore (and workers) running indefinitely.
+    Now the engine notices its parent is gone and exits within seconds."""
+    rollouts, _ = job
+    proc = lopd_score(rollouts, tmp_path / "cache", tmp_path / "killed.log", "shard_committed:1")
+    try:
+        assert proc.wait(timeout=300) == -9  # SIGKILLed while its engine was serving (one shard scored)
+        deadline = time.monotonic() + 30
+        while (left := live_session_members(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert left == [], (left, (tmp_path / "killed.log").read_text()[-2000:])
+    finally:
+        finish(proc)

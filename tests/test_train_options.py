@@ -45,11 +45,11 @@ def test_bad_numbers_are_refused_by_the_command_line(argv, message, tmp_path):
 
 
 @pytest.mark.parametrize("params,message", [
-    ({"steps": -5}, "'steps' must be >= 1"),
-    ({"lr": 0.0}, "'lr' must be > 0"),
-    ({"betas": (0.9, 1.5)}, "'betas' must be in"),
+    ({"steps": -5}, "steps = -5 is invalid; it must be an integer >= 1"),
+    ({"lr": 0.0}, "lr = 0.0 is invalid; it must be a number > 0"),
+    ({"betas": (0.9, 1.5)}, "betas = .* it must be a number >= 0 and <= 1"),
     ({"dtype": "fp16"}, "'dtype' must be one of fp32, bf16"),
-    ({"lr": float("nan")}, "finite"),
+    ({"lr": float("nan")}, "lr = nan is invalid"),
     ({"lora_rank": 8, "zero_stage": 3}, "--zero-stage 2"),
     ({"merge_lora": True}, "--lora-rank"),
 ])
@@ -57,6 +57,12 @@ def test_bad_values_are_refused_for_pipeline_stages_too(params, message):
     with pytest.raises(LopdError, match=message) as err:
         TrainConfig(**params)
     assert "\n" not in str(err.value)
+
+
+def test_the_trainer_default_of_decoded_shards_is_the_readers():
+    from lopd.cache.reader import DEFAULT_MAX_DECODED_SHARDS
+
+    assert TrainConfig().max_decoded_shards == DEFAULT_MAX_DECODED_SHARDS
 
 
 def test_learning_rate_schedules():

@@ -14,9 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lopd.cache.layout import shard_checksum
 from lopd.cache.reader import ScoreCache
-from lopd.cache.score_set import MANIFEST, scores_dir
+from lopd.cache.score_set import MANIFEST, damaged_shards, scores_dir
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
 from lopd.rollout_set import RolloutSet, rollouts_dir
@@ -70,12 +69,7 @@ def verify(path: Path) -> list[str]:
     problems = []
     if not manifest.get("complete"):
         problems.append("incomplete: scoring was interrupted; rerun the same `lopd score`")
-    for name, entry in sorted(manifest["shards"].items()):
-        shard_dir = path / "shards" / name
-        if not shard_dir.is_dir():
-            problems.append(f"shard {name}: missing")
-        elif shard_checksum(shard_dir) != entry["checksum"]:
-            problems.append(f"shard {name}: checksum mismatch (truncated or modified)")
+    problems += [f"shard {name}: {reason}" for name, reason in damaged_shards(path, manifest).items()]
     rollout_path = (path / manifest["rollout_set"]["path"]).resolve()
     try:
         rollouts = RolloutSet.open(rollout_path)
@@ -84,6 +78,21 @@ def verify(path: Path) -> list[str]:
     except LopdError:
         problems.append(f"rollout set {manifest['rollout_set']['id']}: missing at {rollout_path}")
     return problems
+
+
+def repair(path: Path, root: Path, teacher: str | None = None, llm=None, experiment: str = "default"):
+    """Rescore exactly the missing or corrupt shards of the score set at `path` (and finish an incomplete one):
+    `lopd score` rerun with the teacher and settings its manifest records. Returns lopd.score's ScoreResult."""
+    from lopd.score import ScoreConfig, score
+
+    manifest = read_json(path / MANIFEST)
+    rollouts = RolloutSet.open((path / manifest["rollout_set"]["path"]).resolve())
+    recorded = manifest["config"]
+    config = ScoreConfig(k=recorded["k"], logprob_dtype=recorded["logprob_dtype"],
+                         rows_per_shard=manifest["rows_per_shard"], context=recorded.get("context"),
+                         context_slice=recorded.get("context_slice", 0))
+    return score(teacher or manifest["teacher"]["model"], rollouts, config, root=root, out=path, llm=llm,
+                 experiment=experiment, expect_id=manifest["id"])
 
 
 def garbage(root: Path) -> list[Path]:

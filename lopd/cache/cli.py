@@ -20,6 +20,18 @@ def cache() -> None:
     """Inspect and maintain the teacher cache (score sets)."""
 
 
+def report_score(result) -> None:
+    """What `lopd score` and `lopd cache repair` print: a line on stderr for a hit or a repair, JSON on stdout."""
+    if result.reused:
+        click.echo(f"cache hit: score set {result.id} already holds these scores; no teacher work done", err=True)
+    if result.repaired:
+        click.echo(f"repaired score set {result.id}: rescored shard "
+                   + ", ".join(f"{name} ({why})" for name, why in result.repaired.items()), err=True)
+    click.echo(json.dumps({"score_set": result.id, "path": str(result.path), "reused": result.reused,
+                           "repaired": sorted(result.repaired), "teacher_seconds": round(result.teacher_seconds, 2),
+                           "positions": result.positions}, indent=1))
+
+
 @cache.command("ls")
 @ROOT
 @JSON
@@ -60,8 +72,24 @@ def verify(ref, root, as_json):
     else:
         for name, problems in report.items():
             click.echo(f"{name}: {'ok' if not problems else '; '.join(problems)}")
+        for path in (p for p in paths if report[p.name]):
+            click.echo(f"repair: lopd cache repair {path}", err=True)
     if any(report.values()):
         raise SystemExit(1)
+
+
+@cache.command()
+@click.argument("ref")
+@click.option("--teacher", default=None,
+              help="Where the scoring teacher is now (default: the path its manifest records; it must be the same "
+                   "model).")
+@click.option("--experiment", envvar="LOPD_EXPERIMENT", default="default", show_default=True,
+              help="Experiment name recorded in the cost ledger ($LOPD_EXPERIMENT).")
+@ROOT
+def repair(ref, teacher, experiment, root):
+    """Rescore exactly the missing or corrupt shards of a score set (and finish an interrupted one)."""
+    root = resolve_root(root)
+    report_score(admin.repair(admin.find(root, ref), root, teacher=teacher, experiment=experiment))
 
 
 @cache.command()

@@ -1,6 +1,7 @@
 """Reading a score set: `open_cache(path)[i]` joins teacher signals with the rollout row they score."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,10 +36,22 @@ class CachedSequence:
         return np.exp(self.tail_logprob.astype(np.float32))
 
 
-class ScoreCache:
-    """A committed score set. Shards are read whole on first use and checked against their manifest checksum."""
+DEFAULT_MAX_DECODED_SHARDS = 8
+# True since a rerun of `lopd score` checks an existing set and rescores exactly its damaged shards.
+REPAIR_HINT = "rescore it with `lopd cache repair {id}` (or rerun the `lopd score` command that made the set)"
 
-    def __init__(self, path: str | Path, verify: bool = True):
+
+class ScoreCache:
+    """A committed score set. Shards are read whole on first use and checked against their manifest checksum.
+
+    At most `max_decoded_shards` decoded shards stay in memory (least recently used goes first), so host memory
+    is bounded by the shard size, not the cache size; rows are copied out of their shard so a caller holding a
+    row does not pin an evicted shard. Only the shards holding rows that are read get decoded at all, so each
+    training rank decodes just the shards of its own rows, and the training order reads rows a window of
+    `max_decoded_shards` shards at a time (lopd.train.sampling), so each shard is decoded once per epoch.
+    """
+
+    def __init__(self, path: str | Path, verify: bool = True, max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -49,8 +62,12 @@ class ScoreCache:
             raise LopdError(f"score set {self.path} has format version {version}; this lopd reads version {FORMAT_VERSION}")
         if not self.manifest.get("complete"):
             raise LopdError(f"score set {self.path} is incomplete (scoring was interrupted); rerun the same `lopd score` to finish it")
+        if max_decoded_shards < 1:
+            raise LopdError(f"--max-decoded-shards must be at least 1, got {max_decoded_shards}")
         self.verify = verify
-        self._shards: dict[str, dict[str, np.ndarray]] = {}
+        self.max_decoded_shards = max_decoded_shards
+        self._shards: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self.decodes = 0  # shards read and decoded so far (re-reads after eviction included)
 
     @property
     def id(self) -> str:
@@ -71,19 +88,31 @@ class ScoreCache:
         per = self.manifest["rows_per_shard"]
         return f"{index // per:05d}", index % per
 
+    @property
+    def decoded_shards(self) -> int:
+        """How many decoded shards are held in memory now (at most `max_decoded_shards`)."""
+        return len(self._shards)
+
     def shard(self, name: str) -> dict[str, np.ndarray]:
-        if name not in self._shards:
+        if name in self._shards:
+            self._shards.move_to_end(name)
+        else:
             entry = self.manifest["shards"].get(name)
             shard_dir = self.path / "shards" / name
             if entry is None or not shard_dir.is_dir():
-                raise LopdError(f"score set {self.id}: shard {name} is missing; rerun `lopd score` to regenerate it")
+                raise LopdError(f"score set {self.id}: shard {name} is missing; {REPAIR_HINT.format(id=self.id)}")
             if self.verify and shard_checksum(shard_dir) != entry["checksum"]:
                 raise LopdError(f"score set {self.id}: shard {name} is corrupt (checksum mismatch); "
-                                f"run `lopd cache verify` and rescore it")
+                                f"{REPAIR_HINT.format(id=self.id)}")
             try:
-                self._shards[name] = read_shard(shard_dir)
+                arrays = read_shard(shard_dir)
             except Exception as exc:  # zarr/codec errors on damaged bytes
-                raise LopdError(f"score set {self.id}: shard {name} cannot be read ({exc}); rescore it") from None
+                raise LopdError(f"score set {self.id}: shard {name} cannot be read ({exc}); "
+                                f"{REPAIR_HINT.format(id=self.id)}") from None
+            self.decodes += 1
+            self._shards[name] = arrays
+            while len(self._shards) > self.max_decoded_shards:
+                self._shards.popitem(last=False)
         return self._shards[name]
 
     def __getitem__(self, index: int) -> CachedSequence:
@@ -100,12 +129,13 @@ class ScoreCache:
             behaviour_logprobs=r.behaviour_logprobs[index],
             reward=float(r.rewards[index]),
             group_id=int(r.group_ids[index]),
-            teacher_logprobs=arrays["sampled_logprob"][lo:hi],
-            topk_ids=arrays["topk_ids"][lo:hi],
-            topk_logprobs=arrays["topk_logprobs"][lo:hi],
-            tail_logprob=arrays["tail_logprob"][lo:hi],
+            teacher_logprobs=arrays["sampled_logprob"][lo:hi].copy(),
+            topk_ids=arrays["topk_ids"][lo:hi].copy(),
+            topk_logprobs=arrays["topk_logprobs"][lo:hi].copy(),
+            tail_logprob=arrays["tail_logprob"][lo:hi].copy(),
         )
 
 
-def open_cache(path: str | Path, verify: bool = True) -> ScoreCache:
-    return ScoreCache(path, verify=verify)
+def open_cache(path: str | Path, verify: bool = True,
+               max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS) -> ScoreCache:
+    return ScoreCache(path, verify=verify, max_decoded_shards=max_decoded_shards)

@@ -30,6 +30,19 @@ from lopd.storage import read_json, write_json_atomic
 MANIFEST = "manifest.json"
 
 
+def damaged_shards(path: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Committed shards of the set at `path` whose directory is gone or whose bytes no longer match their
+    checksum, with the reason; what `lopd cache verify` reports and a rerun of `lopd score` rescores."""
+    damaged = {}
+    for name, entry in sorted(manifest["shards"].items()):
+        shard_dir = Path(path) / "shards" / name
+        if not shard_dir.is_dir():
+            damaged[name] = "missing"
+        elif shard_checksum(shard_dir) != entry["checksum"]:
+            damaged[name] = "checksum mismatch (truncated or modified)"
+    return damaged
+
+
 def scores_dir(root: Path) -> Path:
     return root / "scores"
 
@@ -144,6 +157,18 @@ class ScoreSetWriter:
             manifest["shards"][plan.name] = entry
             write_json_atomic(self.path / MANIFEST, manifest)
         crash_point("shard_committed")
+
+    def discard(self, names: list[str]) -> None:
+        """Un-commit damaged shards (and mark the set incomplete) so that `pending` offers them again; the shard
+        directories themselves are cleared by whoever claims them next."""
+        if not names:
+            return
+        with self._manifest_lock():
+            manifest = self.manifest()
+            for name in names:
+                manifest["shards"].pop(name, None)
+            manifest["complete"] = False
+            write_json_atomic(self.path / MANIFEST, manifest)
 
     def finish(self, num_rows: int, **fields: Any) -> dict[str, Any]:
         """Mark the set complete once every shard is committed; returns the manifest."""

@@ -7,6 +7,11 @@ lock that SQLite does not always wait for (two processes creating the ledger at 
 locked" at once, busy timeout or not), so connection set-up is serialised with an `flock` on a sidecar
 `ledger.sqlite.lock`. Rows are never updated or deleted; views of
 cost (amortisation, reports) are computed from the rows on read.
+
+Every row has an outcome (`extra["outcome"]`): ok, failed (the stage raised) or killed (interrupted by a
+signal). A stage killed with SIGKILL runs no code on its way out, so `record_stage` also keeps an open-run file
+under `<root>/ledger.open/` while the stage runs, touched every HEARTBEAT_S; the next ledger read or stage
+finds the files of processes that are gone and appends their rows as killed, ending at the last heartbeat.
 """
 from __future__ import annotations
 
@@ -25,7 +30,10 @@ from lopd.errors import LopdError
 from lopd.storage import resolve_root
 
 LEDGER_NAME = "ledger.sqlite"
+OPEN_RUNS = "ledger.open"
 BUSY_TIMEOUT_S = 60.0
+HEARTBEAT_S = 15.0
+OUTCOMES = ("ok", "failed", "killed")
 
 # Column name -> SQL type, in table order. `inputs` and `extra` hold JSON text.
 COLUMNS: dict[str, str] = {
@@ -146,6 +154,7 @@ def append_row(root: str | os.PathLike | None, row: Mapping[str, Any]) -> dict[s
     }
     with _connect(ledger_path(root)) as con:
         stored["id"] = con.execute(_INSERT, [encoded[c] for c in _DATA_COLUMNS]).lastrowid
+    stored["outcome"] = outcome_of(stored["extra"])
     return stored
 
 
@@ -161,7 +170,75 @@ def read_rows(root: str | os.PathLike | None) -> list[dict[str, Any]]:
         row["inputs"] = json.loads(row["inputs"])
         row["extra"] = json.loads(row["extra"])
         row["cache_hit"] = bool(row["cache_hit"])
+        row["outcome"] = outcome_of(row["extra"])
     return rows
+
+
+def outcome_of(extra: Mapping[str, Any]) -> str:
+    """ok, failed or killed; rows written before outcomes were recorded marked a failure by extra.failed."""
+    return extra.get("outcome") or ("failed" if extra.get("failed") else "ok")
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def reap_killed_runs(root: str | os.PathLike | None) -> int:
+    """Append a killed row for every open run on this host whose process is gone; returns how many.
+
+    A run's file is claimed by renaming it, so two readers reaping at once append its row once.
+    """
+    directory = resolve_root(root) / OPEN_RUNS
+    reaped = 0
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        host, pid, _ = path.stem.rsplit("_", 2)
+        if host != os.uname().nodename or not _process_gone(int(pid)):
+            continue
+        claimed = path.with_suffix(".reaping")
+        try:
+            path.rename(claimed)
+        except FileNotFoundError:  # another reader took it
+            continue
+        row = json.loads(claimed.read_text())
+        last_seen = claimed.stat().st_mtime
+        row["extra"] = dict(row.get("extra") or {}, outcome="killed", failed=True, error="killed (no exit ran)")
+        append_row(root, {**row, "ended_at": last_seen, "wall_seconds": max(last_seen - row["started_at"], 0.0)})
+        claimed.unlink()
+        reaped += 1
+    return reaped
+
+
+class _OpenRun:
+    """The open-run file of one running stage, touched every HEARTBEAT_S by a daemon thread until closed."""
+
+    def __init__(self, root: str | os.PathLike | None, record: "StageRecord", started_at: float):
+        import threading
+        import uuid
+
+        directory = resolve_root(root) / OPEN_RUNS
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{os.uname().nodename}_{os.getpid()}_{uuid.uuid4().hex[:8]}.json"
+        row = {k: v for k, v in vars(record).items() if v is not None} | {"started_at": started_at}
+        self.path.write_text(json.dumps(row, default=str))
+        self.done = threading.Event()
+        threading.Thread(target=self._beat, daemon=True, name="lopd-ledger-heartbeat").start()
+
+    def _beat(self) -> None:
+        while not self.done.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                return
+
+    def close(self) -> None:
+        self.done.set()
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -202,18 +279,25 @@ def record_stage(
     Cheap: one INSERT (milliseconds) and, once per process, `detect_devices()` (imports torch if the
     stage has not).
 
-    A block that raises is still recorded, with `extra["failed"] = True` and `extra["error"]` the
-    exception type, because its device time was spent; amortisation charges it to the experiment
-    like any other row. The exception is re-raised unchanged.
+    A block that raises is still recorded, with `extra["failed"] = True`, `extra["error"]` the
+    exception type and outcome "failed" ("killed" for Ctrl-C), because its device time was spent;
+    amortisation charges it to the experiment like any other row. The exception is re-raised unchanged.
+    A process killed outright is recorded later from its open-run file (`reap_killed_runs`).
     """
+    reap_killed_runs(root)
     record = StageRecord(experiment, stage, method, artifact, list(inputs), tokens, extra=dict(extra or {}))
     started_at, start = time.time(), time.perf_counter()
+    open_run = _OpenRun(root, record, started_at)
+    outcome = "ok"
     try:
         yield record
     except BaseException as exc:
+        outcome = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
         record.extra.update(failed=True, error=type(exc).__name__)
         raise
     finally:
         wall = time.perf_counter() - start
+        record.extra["outcome"] = outcome
         row = {k: v for k, v in vars(record).items() if v is not None}
         append_row(root, {**row, "started_at": started_at, "ended_at": started_at + wall, "wall_seconds": wall})
+        open_run.close()

@@ -27,7 +27,7 @@ from lopd.cost.amortize import (
     stage_sort_key,
     total,
 )
-from lopd.cost.ledger import ledger_path, read_rows
+from lopd.cost.ledger import ledger_path, read_rows, reap_killed_runs
 from lopd.errors import LopdError
 
 SECONDS_PER_HOUR = 3600.0
@@ -41,6 +41,8 @@ VIEW_NOTES = {
 
 
 def load_rows(root: str | os.PathLike | None) -> list[dict[str, Any]]:
+    """Every ledger row, after recording runs that were killed outright as such (lopd.cost.ledger)."""
+    reap_killed_runs(root)
     rows = read_rows(root)
     if not rows:
         raise LopdError(
@@ -111,6 +113,9 @@ def summarize(
         # Same columns as the rows, blank where a total means nothing (method, accuracy).
         "total": _group_row(by, total(costs), {name: {} for name in columns}, views, price),
     }
+    unfinished = unfinished_runs(rows)
+    if unfinished:
+        summary["unfinished"] = unfinished
     if target is not None:
         summary["target_accuracy"] = target
         summary["to_target"] = [
@@ -119,6 +124,18 @@ def summarize(
             for t in cost_to_target(costs, accuracy, target)
         ]
     return summary
+
+
+def unfinished_runs(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Failed and killed runs per (outcome, experiment, stage): how many and the device hours they spent. They
+    stay in every cost above (the device time was spent); this says how much of it bought nothing."""
+    groups: dict[tuple[str, str, str], list[Row]] = {}
+    for row in rows:
+        if row["outcome"] != "ok":
+            groups.setdefault((row["outcome"], row["experiment"], row["stage"]), []).append(row)
+    return [{"outcome": outcome, "experiment": experiment, "stage": stage, "runs": len(members),
+             "device_hours": sum(r["device_seconds"] for r in members) / SECONDS_PER_HOUR}
+            for (outcome, experiment, stage), members in sorted(groups.items())]
 
 
 def _cell(value: Any) -> str:
@@ -162,6 +179,9 @@ def render_text(summary: Mapping[str, Any]) -> str:
     unit, by = summary["unit"], summary["by"]
     notes = "; ".join(VIEW_NOTES[v] for v in summary["views"])
     parts = [f"cost by {by}, in {unit} ({notes})", render_table([*summary["rows"], summary["total"]], unit)]
+    if "unfinished" in summary:
+        parts += ["\nruns that did not finish (failed: the stage raised; killed: interrupted), included above",
+                  render_table(summary["unfinished"], unit)]
     if "to_target" in summary:
         parts += [
             f"\ncheapest experiment per method reaching accuracy >= {summary['target_accuracy']:g} "

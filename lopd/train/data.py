@@ -52,6 +52,13 @@ class SequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rollouts)
 
+    def row_shards(self) -> tuple[np.ndarray, int]:
+        """The cache shard of every row and how many shards the reader keeps decoded (the shuffle window);
+        a bare rollout set is one shard."""
+        if self.cache is None:
+            return np.zeros(len(self), np.int64), 1
+        return np.arange(len(self)) // self.cache.manifest["rows_per_shard"], self.cache.max_decoded_shards
+
     def replace(self, index: int, cache: ScoreCache, row: int) -> None:
         """Serve row `index` from a refreshed score set from now on (its group id is kept)."""
         if self.attached:

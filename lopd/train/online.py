@@ -21,9 +21,11 @@ class OnlineSampler:
 
     def __init__(self, teacher_dir: str, prompt_ids: list[list[int]], *, k: int, n: int, temperature: float,
                  max_tokens: int, micro_batch_size: int, eos_id: int, pad_id: int, seed: int):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+        # a padded teacher's extra embedding rows stay out of the top-k, as in `lopd score` (lopd.score.padded_ids)
+        self.defined = len(AutoTokenizer.from_pretrained(teacher_dir))
         self.prompt_ids = prompt_ids
         self.k, self.n, self.temperature, self.max_tokens = k, n, temperature, max_tokens
         self.prompts_per_batch = max(1, micro_batch_size // n)
@@ -65,7 +67,7 @@ class OnlineSampler:
         logits = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logprobs = batch.response_rows(logits).float().log_softmax(-1)
         sampled = logprobs.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
-        top = logprobs.topk(self.k, dim=-1)
+        top = logprobs[..., : self.defined].topk(self.k, dim=-1)
         for i, item in enumerate(items):
             t = len(item["response_ids"])
             item.update(teacher_logprobs=sampled[i, :t].numpy(), topk_ids=top.indices[i, :t].numpy(),

@@ -1,4 +1,9 @@
-"""Micro-batches of whole groups: the rollouts of one prompt train side by side.
+"""Shuffled training order over a sharded cache, and micro-batches of whole groups.
+
+The cache reader keeps only a few decoded shards in memory (lopd.cache.reader), so a shuffle over every row of
+a many-shard cache would decode a shard for almost every row. Like WebDataset's shard shuffle, the order here
+takes the shards in shuffled order, a window of them at a time (the reader's decoded-shard budget), and shuffles
+rows (or groups) within each window; when every shard fits in one window it is the plain global shuffle.
 
 Group-relative losses (GRPO and everything built on its advantage, Uni-OPD's per-group calibration) compare a
 rollout with its siblings. Shuffling rows would split every group across micro-batches, where a batch-level
@@ -14,6 +19,45 @@ import torch
 from lopd.errors import LopdError
 
 
+def window_shuffle(shards_U: np.ndarray, window: int, generator: torch.Generator) -> list[int]:
+    """A permutation of units (rows or groups; `shards_U[u]` is the shard unit u lives in) that keeps at most
+    `window` shards in play at a time; `torch.randperm` itself when every shard fits in one window."""
+    num_shards = int(shards_U.max()) + 1 if len(shards_U) else 0
+    if num_shards <= window:
+        return torch.randperm(len(shards_U), generator=generator).tolist()
+    position = torch.empty(num_shards, dtype=torch.long)
+    position[torch.randperm(num_shards, generator=generator)] = torch.arange(num_shards)
+    window_U = (position[torch.as_tensor(shards_U, dtype=torch.long)] // window).numpy()
+    order: list[int] = []
+    for w in range(-(-num_shards // window)):
+        units = np.flatnonzero(window_U == w)
+        order += units[torch.randperm(len(units), generator=generator).numpy()].tolist()
+    return order
+
+
+class ShardWindowSampler:
+    """Row indices in `window_shuffle` order, padded to a multiple of the world size, each rank every world-th row.
+
+    Padding and striding are DistributedSampler's (drop_last=False), so with every shard in one window the
+    order is exactly DistributedSampler's and runs made before the reader's shard budget existed reproduce.
+    """
+
+    def __init__(self, shards_R: np.ndarray, window: int, rank: int = 0, world: int = 1, seed: int = 0):
+        self.shards_R, self.window, self.rank, self.world, self.seed, self.epoch = shards_R, window, rank, world, seed, 0
+        self.total = -(-len(shards_R) // world) * world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = window_shuffle(self.shards_R, self.window, torch.Generator().manual_seed(self.seed + self.epoch))
+        order = (order * -(-self.total // max(len(order), 1)))[: self.total]
+        return iter(order[self.rank : self.total : self.world])
+
+    def __len__(self) -> int:
+        return self.total // self.world
+
+
 class GroupBatchSampler:
     """Row indices of micro-batches made of whole groups, shuffled per epoch, each rank its share of the groups.
 
@@ -21,7 +65,8 @@ class GroupBatchSampler:
     (fewer when group sizes do not divide it).
     """
 
-    def __init__(self, group_ids: np.ndarray, micro: int, rank: int = 0, world: int = 1, seed: int = 0):
+    def __init__(self, group_ids: np.ndarray, micro: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 shards_R: np.ndarray | None = None, window: int = 1):
         _, first, inverse = np.unique(np.asarray(group_ids), return_index=True, return_inverse=True)
         order = np.argsort(first, kind="stable")  # groups in order of first appearance
         rows_of = {g: [] for g in range(len(first))}
@@ -34,13 +79,17 @@ class GroupBatchSampler:
                             f"needs whole groups per micro-batch: raise --micro-batch-size to a multiple of the "
                             f"rollouts per prompt (`lopd rollout --n`)")
         self.micro, self.rank, self.world, self.seed, self.epoch = micro, rank, world, seed, 0
+        # each group's shard is its first row's (a group straddling two shards also touches the next one)
+        self.shards_G = (np.zeros(len(self.groups), np.int64) if shards_R is None
+                         else np.asarray([shards_R[rows[0]] for rows in self.groups]))
+        self.window = window
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.groups), generator=generator).tolist()[self.rank :: self.world]
+        order = window_shuffle(self.shards_G, self.window, generator)[self.rank :: self.world]
         batch: list[int] = []
         for g in order:
             if batch and len(batch) + len(self.groups[g]) > self.micro:

@@ -35,7 +35,7 @@ from lopd.rollout_set import RolloutSet
 from lopd.train import distributed
 from lopd.train.config import TrainConfig
 from lopd.train.data import Batch, SequenceDataset, available_fields, collate
-from lopd.train.sampling import GroupBatchSampler
+from lopd.train.sampling import GroupBatchSampler, ShardWindowSampler
 from lopd.train.student_head import StudentHead, load_student
 
 
@@ -111,15 +111,15 @@ def offline_batches(dataset: SequenceDataset, config: TrainConfig, micro: int, p
 
     `grouped`: micro-batches of whole groups (the rollouts of one prompt), for group-relative losses.
     """
-    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+    from torch.utils.data import BatchSampler, DataLoader
 
+    row_shards, window = dataset.row_shards()  # shuffle within windows of the shards the reader keeps decoded
     if grouped:
         batches = GroupBatchSampler(dataset.rollouts.group_ids, micro, distributed.rank(), distributed.world_size(),
-                                    config.seed)
+                                    config.seed, row_shards, window)
         set_epoch = batches.set_epoch
     else:
-        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                     shuffle=True, seed=config.seed, drop_last=False)
+        sampler = ShardWindowSampler(row_shards, window, distributed.rank(), distributed.world_size(), config.seed)
         batches, set_epoch = BatchSampler(sampler, micro, drop_last=False), sampler.set_epoch
     loader = DataLoader(dataset, batch_sampler=HookedBatchSampler(batches, before),
                         collate_fn=partial(collate, pad_id=pad_id))
