@@ -1,0 +1,215 @@
+"""Resumable `lopd train` (lopd.train.checkpoint), TensorBoard/W&B reporting and the non-finite guard.
+
+The resume tests SIGKILL a real `lopd train` process at a chosen point (LOPD_CRASH_AT, lopd.faults), rerun the
+same command, and compare with an uninterrupted run: final weights bit for bit (CPU, float32), every metrics row
+exactly once, and ledger rows whose tokens add up to the uninterrupted run's. Inputs are small rollout and score
+sets written without an engine (tests/toy_sets.py), so each run takes seconds plus DeepSpeed's start-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lopd.cost.ledger import read_rows
+from lopd.errors import LopdError
+from lopd.train.checkpoint import identity_change, run_identity
+from lopd.train.config import TrainConfig
+from toy_sets import STUDENT, make_rollout_set, make_score_set, rollout_records
+
+REWARDS = [[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1], [0, 1, 0, 0]]
+# 24 rows, micro-batches of 4, 2 per step: 3 steps an epoch, so 10 steps cross epoch boundaries (resume at 3 and 7).
+ARGS = ["--loss", "rkl_topk", "--steps", "10", "--batch-size", "8", "--micro-batch-size", "4", "--log-every", "1",
+        "--save-every", "3", "--keep-checkpoints", "2", "--lr", "1e-3", "--seed", "1", "--allow-teacher-mismatch"]
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume-root")
+    make_score_set(root, make_rollout_set(root / "rollouts" / "r-resume", rollout_records(REWARDS)))
+    make_rollout_set(root / "rollouts" / "r-no-verifier", [dict(r, reward=None) for r in rollout_records(REWARDS)])
+    make_score_set(root, make_rollout_set(root / "rollouts" / "r-poisoned", rollout_records(REWARDS)), poison=(5,))
+    return root
+
+
+def lopd_train(root: Path, out: Path, *extra: str, crash_at: str | None = None,
+               source: tuple[str, str] = ("--cache", "s-r-resume")) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LOPD_CRASH_AT"}
+    env["OMP_NUM_THREADS"] = "1"  # two shared cores: oversubscribed threads make each step seconds
+    if crash_at:
+        env["LOPD_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-m", "lopd.cli", "train", "--student", STUDENT, *source, "--out", str(out),
+                           "--root", str(root), *ARGS, *extra], env=env, capture_output=True, text=True, timeout=900)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one-line error, and no traceback."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")][-1]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model.safetensors")
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(root: Path, out: Path) -> list[dict]:
+    return [r for r in read_rows(root) if r["artifact"] == str(out.resolve())]
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    a, b = weights(resumed), weights(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ours, theirs = metric_rows(resumed), metric_rows(reference)
+    assert [r["step"] for r in ours] == list(range(1, 11))
+    volatile = ("tokens_per_s",)  # wall-clock rates differ between runs
+    for mine, ref in zip(ours, theirs):
+        assert {k: v for k, v in mine.items() if k not in volatile} == {k: v for k, v in ref.items() if k not in volatile}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", ["2", "3"])
+def test_killed_run_resumes_to_the_uninterrupted_result(train_root, tmp_path, zero_stage):
+    reference, out = tmp_path / "reference", tmp_path / "resumed"
+    done = lopd_train(train_root, reference, "--zero-stage", zero_stage)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # Killed after step 4 (checkpoint at 3, metrics rows up to 4), then during the save of step 6 (left .partial).
+    killed = lopd_train(train_root, out, "--zero-stage", zero_stage, crash_at="train_step:4")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [r["step"] for r in metric_rows(out)] == [1, 2, 3, 4]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
+    if zero_stage == "2":
+        killed = lopd_train(train_root, out, "--zero-stage", zero_stage, crash_at="checkpoint_rename:1")
+        assert killed.returncode == -9, killed.stderr[-3000:]
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".partial-step-00000006", "step-00000003"]
+    resumed = lopd_train(train_root, out, "--zero-stage", zero_stage)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(out, reference)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000009", "step-00000010"]
+    assert not (out / "attempt.json").exists()
+
+    # Ledger: one row per attempt; the killed ones recovered as such, tokens counted once in all.
+    rows = train_rows(train_root, out)
+    outcomes = [r["extra"].get("outcome", "ok") for r in rows]
+    assert outcomes == ["killed"] * (2 if zero_stage == "2" else 1) + ["ok"]
+    assert sum(r["tokens"] for r in rows) == train_rows(train_root, reference)[0]["tokens"] > 0
+    assert all(r["wall_seconds"] > 0 for r in rows)
+    assert rows[-1]["extra"]["resumed_from"] == 3
+
+    # Rerunning the finished command resumes at its last step: nothing trained again, nothing counted again.
+    again = lopd_train(train_root, out, "--zero-stage", zero_stage)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(out, reference)
+    assert train_rows(train_root, out)[-1]["tokens"] == 0
+
+
+@pytest.mark.slow
+def test_resume_with_another_configuration_is_refused(train_root, tmp_path):
+    out = tmp_path / "run"
+    assert lopd_train(train_root, out, "--steps", "3").returncode == 0
+    changed = lopd_train(train_root, out, "--steps", "3", "--lr", "2e-3")
+    error = error_line(changed)
+    assert "lr: 0.001 -> 0.002" in error and "checkpoints" in error
+    # Logging options may change; a longer run under a constant schedule continues the same run.
+    longer = lopd_train(train_root, out, "--steps", "4", "--log-every", "2", "--report-to", "none")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert [r["step"] for r in metric_rows(out)] == [1, 2, 3, 4]
+
+
+def test_identity_rules():
+    base = run_identity(TrainConfig(lr_schedule="constant"), "s", ["a"], 1)
+    assert identity_change(base, run_identity(TrainConfig(steps=9, log_every=3, report_to="none"), "s", ["a"], 1)) is None
+    assert identity_change(base, run_identity(TrainConfig(seed=1), "s", ["a"], 1)) == "seed: 0 -> 1"
+    assert identity_change(base, run_identity(TrainConfig(), "s", ["b"], 1)) == "inputs: ['a'] -> ['b']"
+    assert identity_change(base, run_identity(TrainConfig(), "s", ["a"], 2)) == "world_size: 1 -> 2"
+    cosine = run_identity(TrainConfig(lr_schedule="cosine"), "s", ["a"], 1)
+    assert identity_change(cosine, run_identity(TrainConfig(lr_schedule="cosine", steps=9), "s", ["a"], 1)) == \
+        "steps: None -> 9"
+
+
+# -- reporting
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_the_loss(train_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = lopd_train(train_root, out, "--steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/kl"} <= set(tags)
+    losses = [(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")]
+    assert losses == [(r["step"], round(r["loss"], 5)) for r in metric_rows(out)]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run(train_root, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        result = lopd_train(train_root, out, "--steps", "2", "--report-to", "wandb")
+    finally:
+        del os.environ["WANDB_MODE"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert not (out / "tb").exists()
+
+
+# -- non-finite losses and gradients
+
+
+def test_rewards_of_a_rollout_set_without_verifier_are_not_available(train_root):
+    from lopd.rollout_set import RolloutSet
+    from lopd.train.data import available_fields
+
+    assert "rewards" not in available_fields(RolloutSet.open(train_root / "rollouts" / "r-no-verifier"))
+    assert "rewards" in available_fields(RolloutSet.open(train_root / "rollouts" / "r-resume"))
+
+
+@pytest.mark.slow
+def test_grpo_without_rewards_fails_before_training(train_root, tmp_path):
+    result = lopd_train(train_root, tmp_path / "run", "--loss", "grpo", source=("--rollouts", "r-no-verifier"))
+    assert error_line(result) == (
+        "error: loss 'grpo' needs 'rewards', which this cache lacks; produce it with "
+        "`lopd rollout --verifier module:function`")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_training_with_the_step_and_cause(train_root, tmp_path):
+    result = lopd_train(train_root, tmp_path / "run", source=("--cache", "s-r-poisoned"))
+    error = error_line(result)
+    assert re.fullmatch(r"error: non-finite loss at step \d+ \(loss 'rkl_topk'\): the batch's 'teacher_logprobs' "
+                        r"holds NaN/inf; --skip-nonfinite skips such steps instead", error), error
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_skip_nonfinite_skips_and_counts_the_steps(train_root, tmp_path):
+    out = tmp_path / "run"
+    result = lopd_train(train_root, out, "--skip-nonfinite", "--steps", "9", source=("--cache", "s-r-poisoned"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metric_rows(out)
+    skipped = rows[-1]["nonfinite_skipped"]
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
+    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # a skipped batch's NaN stays out of the means
+    # 9 steps are 3 epochs, and row 5 is in one micro-batch per epoch: every step that read it was skipped, no other.
+    assert skipped == 3 and [r["nonfinite_skipped"] for r in rows] == sorted(r["nonfinite_skipped"] for r in rows)
