@@ -142,8 +142,11 @@ class StageRunner:
         if config.refresh:
             refresh = RefreshContext(self.model_path(p["teacher"], outputs), self.engines(), self.root,
                                      self.experiment(plan, stage))
+        # The state file has already decided this stage runs: checkpoints of an interrupted run of the same stage
+        # resume, those of a stage whose parameters or inputs have changed since are discarded.
         result = train(student, source, config, out_dir / stage.id, batches=batches, root=self.root,
-                       experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh)
+                       experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh,
+                       restart_on_change=True)
         return {"path": str(result.checkpoint), "steps": result.steps, "tokens": result.tokens, **result.refresh}
 
     def online_sampler(self, p: dict[str, Any], student: str, outputs, config: TrainConfig) -> OnlineSampler:

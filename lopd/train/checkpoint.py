@@ -81,6 +81,8 @@ class Checkpoints:
         self.dir = Path(out_dir) / CHECKPOINTS
         self.identity = identity
         self.keep = keep
+        # A LoRA run saves only its trainable weights: the frozen base model is the student it starts from anyway.
+        self.frozen_excluded = bool(identity["config"]["lora_rank"])
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first (a `.partial-*` directory is one a kill interrupted)."""
@@ -118,7 +120,8 @@ class Checkpoints:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         barrier()
-        engine.save_checkpoint(str(partial), tag=TAG, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(str(partial), tag=TAG, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=self.frozen_excluded)
         torch.save({**rank_state, "rng": rng_state()}, partial / TAG / f"lopd_rank{distributed.rank()}.pt")
         barrier()
         if distributed.rank() == 0:
@@ -135,7 +138,8 @@ class Checkpoints:
         """Restore model, optimizer and scheduler into `engine`; returns this rank's trainer state (with `rng`, which
         `restore_rng` applies once everything that draws random numbers at start-up has run)."""
         load_path, client = engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True,
+                                                   load_module_strict=not self.frozen_excluded)
         if load_path is None:
             raise LopdError(f"DeepSpeed could not load {path}: delete it to resume from the checkpoint before it")
         state = torch.load(path / TAG / f"lopd_rank{distributed.rank()}.pt", weights_only=False)

@@ -351,7 +351,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
                 drift_file.write(json.dumps({"step": step, "shards": {
                     s: d.summary() for s, d in sorted(drift.shards.items())}}) + "\n")
                 drift_file.flush()
-            postfix = {"loss": f"{last['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            postfix = {"loss": f"{last.get('loss', math.nan):.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
             if "kl" in last:
                 postfix.update(kl=f"{last['kl']:.3f}", w=f"{last['importance_weight']:.3f}")
             if refresher:
