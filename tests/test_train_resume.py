@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,13 +41,23 @@ def train_root(tmp_path_factory) -> Path:
 
 
 def lopd_train(root: Path, out: Path, *extra: str, crash_at: str | None = None,
-               source: tuple[str, str] = ("--cache", "s-r-resume")) -> subprocess.CompletedProcess:
+               source: tuple[str, str] = ("--cache", "s-r-resume"), ranks: int = 1) -> subprocess.CompletedProcess:
+    """`lopd train` in a subprocess (under torchrun with `ranks` > 1); `crash_at` SIGKILLs it there (every rank)."""
     env = {k: v for k, v in os.environ.items() if k != "LOPD_CRASH_AT"}
     env["OMP_NUM_THREADS"] = "1"  # two shared cores: oversubscribed threads make each step seconds
     if crash_at:
         env["LOPD_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-m", "lopd.cli", "train", "--student", STUDENT, *source, "--out", str(out),
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+    return subprocess.run([*launcher, "-m", "lopd.cli", "train", "--student", STUDENT, *source, "--out", str(out),
                            "--root", str(root), *ARGS, *extra], env=env, capture_output=True, text=True, timeout=900)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -125,6 +136,25 @@ def test_killed_run_resumes_to_the_uninterrupted_result(train_root, tmp_path, va
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_run(out, reference)
     assert train_rows(train_root, out)[-1]["tokens"] == 0
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_to_the_uninterrupted_result(train_root, tmp_path):
+    """Each rank writes its own ZeRO-2 optimizer partition and trainer state; rank 0 renames once all have."""
+    reference, out = tmp_path / "reference", tmp_path / "resumed"
+    options = ["--micro-batch-size", "2"]  # 2 ranks x 2 rows x 2 accumulation steps = batch 8
+    assert lopd_train(train_root, reference, *options, ranks=2).returncode == 0
+    killed = lopd_train(train_root, out, *options, ranks=2, crash_at="train_step:4")
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr
+    assert sorted(p.name for p in (out / "checkpoints" / "step-00000003" / "state").iterdir()) == [
+        "lopd_rank0.pt", "lopd_rank1.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    resumed = lopd_train(train_root, out, *options, ranks=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(out, reference)
+    rows = train_rows(train_root, out)
+    assert [r["device_count"] for r in rows] == [2, 2] and rows[0]["extra"]["outcome"] == "killed"
+    assert sum(r["tokens"] for r in rows) == train_rows(train_root, reference)[0]["tokens"]
 
 
 @pytest.mark.slow
