@@ -143,10 +143,10 @@ class StageRunner:
             refresh = RefreshContext(self.model_path(p["teacher"], outputs), self.engines(), self.root,
                                      self.experiment(plan, stage))
         # The state file has already decided this stage runs: checkpoints of an interrupted run of the same stage
-        # resume, those of a stage whose parameters or inputs have changed since are discarded.
+        # (same key) resume, those of a stage whose parameters or inputs have changed since are discarded.
         result = train(student, source, config, out_dir / stage.id, batches=batches, root=self.root,
                        experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh,
-                       restart_on_change=True)
+                       restart_on_change=True, run_key=stage.key)
         return {"path": str(result.checkpoint), "steps": result.steps, "tokens": result.tokens, **result.refresh}
 
     def online_sampler(self, p: dict[str, Any], student: str, outputs, config: TrainConfig) -> OnlineSampler:

@@ -53,15 +53,17 @@ LENGTH_OPTIONS = ("steps", "epochs")
 """May change only under a constant schedule, whose learning rate does not depend on the total number of steps."""
 
 
-def run_identity(config: TrainConfig, student: str, inputs: list[str], world: int) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it, as JSON values."""
-    return json.loads(json.dumps({"config": asdict(config), "student": student, "inputs": inputs, "world_size": world},
-                                 default=str))
+def run_identity(config: TrainConfig, student: str, inputs: list[str], world: int, key: str | None = None
+                 ) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it, as JSON values. `key` stands for what the caller
+    knows and TrainConfig does not (a pipeline stage's key covers its online sampler's settings, for one)."""
+    return json.loads(json.dumps({"config": asdict(config), "student": student, "inputs": inputs, "world_size": world,
+                                  "key": key}, default=str))
 
 
 def identity_change(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """The first difference that makes resuming mix two runs, as 'what: old -> new'; None when resumable."""
-    for key in ("student", "inputs", "world_size"):
+    for key in ("student", "inputs", "world_size", "key"):
         if saved[key] != current[key]:
             return f"{key}: {saved[key]} -> {current[key]}"
     old, new = saved["config"], current["config"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -167,6 +168,7 @@ def train(
     attached: dict[str, ScoreCache] | None = None,
     refresh_context: RefreshContext | None = None,
     restart_on_change: bool = False,
+    run_key: str | None = None,
 ) -> TrainResult:
     """Train `student` on `source`, or on `batches(model)` from a live sampler, and save a HF checkpoint to `out_dir`.
 
@@ -174,7 +176,8 @@ def train(
     are re-rolled and re-scored during training (lopd.refresh). `attached` maps LossInputs fields to further score
     sets over the same rollouts (lopd.train.data.ATTACHABLE: G-OPD's base model, RLCSD's contrast).
     A run whose `out_dir` holds a resumable checkpoint of the same run continues from it (lopd.train.checkpoint);
-    one of another run is refused, or deleted with `restart_on_change`.
+    one of another run is refused, or deleted with `restart_on_change`; `run_key` adds to what "the same run" means
+    (a pipeline stage's key).
     """
     attached = dict(attached or {})
     student = resolve_model(student)
@@ -198,7 +201,7 @@ def train(
         inputs += [source.id]
     deepspeed = distributed.init_process_group()
     out_dir = Path(out_dir)
-    checkpoints = Checkpoints(out_dir, run_identity(config, student, inputs, distributed.world_size()),
+    checkpoints = Checkpoints(out_dir, run_identity(config, student, inputs, distributed.world_size(), run_key),
                               config.keep_checkpoints)
     resume = [checkpoints.find(restart_on_change) if distributed.rank() == 0 else None]
     if distributed.world_size() > 1:
@@ -273,7 +276,8 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     mode = "a" if resume is not None else "w"
     metrics_file = (out_dir / "metrics.jsonl").open(mode) if is_main else None
     drift_file = (out_dir / "drift.jsonl").open(mode) if is_main and isinstance(source, ScoreCache) else None
-    reporter = Reporter(config.report_to, out_dir, config, start_step) if is_main else None
+    report_id = state.get("report_id") or uuid.uuid4().hex[:16]  # one W&B run across the attempts of a run
+    reporter = Reporter(config.report_to, out_dir, config, report_id, start_step) if is_main else None
     start = time.perf_counter() - state.get("seconds", 0.0)
     tokens_seen = state.get("tokens", 0)
     window: dict[str, list[float]] = state.get("window", {})
@@ -360,7 +364,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
         bar.update(1)
         if step == total_steps or (config.save_every and step % config.save_every == 0):
             checkpoints.save(engine, step, loop_state(step * accumulation, tokens_seen, time.perf_counter() - start,
-                                                      window, skipped, drift, refresher))
+                                                      window, skipped, drift, refresher) | {"report_id": report_id})
             if attempt is not None:
                 attempt.checkpointed(step, tokens_seen)
         crash_point("train_step")
