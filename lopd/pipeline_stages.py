@@ -130,7 +130,7 @@ class StageRunner:
         batches = None
         if p.get("online"):
             source = None
-            batches = self.online_sampler(p, student, outputs, config).factory()
+            batches = self.online_sampler(p, student, outputs, config)
         elif "cache" in p:
             source = open_cache(outputs[p["cache"]]["path"])
         elif "rollouts" in p:

@@ -80,13 +80,13 @@ def train_rows(root: Path, out: Path) -> list[dict]:
     return [r for r in read_rows(root) if r["artifact"] == str(out.resolve())]
 
 
-def assert_same_run(resumed: Path, reference: Path) -> None:
+def assert_same_run(resumed: Path, reference: Path, steps: int = 10) -> None:
     a, b = weights(resumed), weights(reference)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
     ours, theirs = metric_rows(resumed), metric_rows(reference)
-    assert [r["step"] for r in ours] == list(range(1, 11))
+    assert [r["step"] for r in ours] == list(range(1, steps + 1))
     volatile = ("tokens_per_s",)  # wall-clock rates differ between runs
     for mine, ref in zip(ours, theirs):
         assert {k: v for k, v in mine.items() if k not in volatile} == {k: v for k, v in ref.items() if k not in volatile}
@@ -165,6 +165,42 @@ def test_two_ranks_resume_to_the_uninterrupted_result(train_root, tmp_path):
     rows = train_rows(train_root, out)
     assert [r["device_count"] for r in rows] == [2, 2] and rows[0]["extra"]["outcome"] == "killed"
     assert sum(r["tokens"] for r in rows) == train_rows(train_root, reference)[0]["tokens"]
+
+
+ONLINE_SCRIPT = """
+import sys
+from pathlib import Path
+from transformers import AutoTokenizer
+from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR
+from lopd.train.config import TrainConfig
+from lopd.train.online import OnlineSampler
+from lopd.train.trainer import train
+
+tok = AutoTokenizer.from_pretrained(str(STUDENT_BASE_DIR))
+prompts = [tok(p)["input_ids"] for p in ("ab=", "c=", "qa=", "t=", "mo=")]
+sampler = OnlineSampler(str(TEACHER_DIR), prompts, k=8, n=2, temperature=1.0, max_tokens=6, micro_batch_size=4,
+                        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=3)
+config = TrainConfig(loss="rkl_topk", steps=6, batch_size=8, micro_batch_size=4, save_every=2, log_every=1, lr=1e-3)
+train(str(STUDENT_BASE_DIR), None, config, Path(sys.argv[1]), batches=sampler, quiet=True, root=Path(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_online_run_resumes_its_live_stream(train_root, tmp_path):
+    """The online baseline samples from the model being trained: the sampler's prompt RNG and torch's sampling RNG
+    must both continue where the checkpoint left them."""
+    def online(out: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "LOPD_CRASH_AT"} | {"OMP_NUM_THREADS": "1"}
+        env |= {"LOPD_CRASH_AT": crash_at} if crash_at else {}
+        return subprocess.run([sys.executable, "-c", ONLINE_SCRIPT, str(out), str(train_root)], env=env,
+                              capture_output=True, text=True, timeout=900)
+
+    reference, out = tmp_path / "reference", tmp_path / "resumed"
+    assert online(reference).returncode == 0
+    assert online(out, "train_step:3").returncode == -9
+    resumed = online(out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(out, reference, steps=6)
 
 
 @pytest.mark.slow

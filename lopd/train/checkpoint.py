@@ -174,12 +174,15 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def loop_state(micro_batches: int, tokens: int, seconds: float, window: dict[str, list[float]], skipped: int,
-               drift: ShardDrift, refresher: Refresher | None) -> dict[str, Any]:
-    """This rank's trainer state at a step boundary: what the loop needs, besides the engine, to continue exactly."""
+def loop_state(*, micro_batches: int, tokens: int, seconds: float, window: dict[str, list[float]], skipped: int,
+               drift: ShardDrift, refresher: Refresher | None, live, report_id: str) -> dict[str, Any]:
+    """This rank's trainer state at a step boundary: what the loop needs, besides the engine, to continue exactly.
+    `live` is the trainer's live batch source, if any: one with `state_dict` (OnlineSampler) resumes its stream."""
     state = {"micro_batches": micro_batches, "tokens": tokens, "seconds": seconds, "window": window,
-             "nonfinite_skipped": skipped,
+             "nonfinite_skipped": skipped, "report_id": report_id,
              "drift": {"overall": drift.overall.sums, "shards": {s: d.sums for s, d in drift.shards.items()}}}
+    if hasattr(live, "state_dict"):
+        state["live"] = live.state_dict()
     if refresher is not None:  # which rows are served from which refreshed score set, and the refresh totals
         state["refresh"] = {
             "replaced": {row: (str(cache.path), j) for row, (cache, j) in refresher.dataset.replaced.items()},
@@ -188,8 +191,10 @@ def loop_state(micro_batches: int, tokens: int, seconds: float, window: dict[str
     return state
 
 
-def restore_loop_state(state: dict[str, Any], drift: ShardDrift, refresher: Refresher | None) -> None:
-    """Put the drift sums and refreshed rows of `state` (from `loop_state`) back."""
+def restore_loop_state(state: dict[str, Any], drift: ShardDrift, refresher: Refresher | None, live) -> None:
+    """Put the drift sums, refreshed rows and live source's state of `state` (from `loop_state`) back."""
+    if "live" in state:
+        live.load_state_dict(state["live"])
     drift.overall = DriftStats(dict(state["drift"]["overall"]))
     drift.shards = {s: DriftStats(dict(sums)) for s, sums in state["drift"]["shards"].items()}
     if refresher is not None and "refresh" in state:

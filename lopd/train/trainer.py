@@ -283,7 +283,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     window: dict[str, list[float]] = state.get("window", {})
     skipped = state.get("nonfinite_skipped", 0)
     if state:
-        restore_loop_state(state, drift, refresher)
+        restore_loop_state(state, drift, refresher, batches)
         restore_rng(state["rng"])
     if attempt is not None:
         attempt.resumed(start_step, tokens_seen)
@@ -363,8 +363,9 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
             bar.set_postfix(postfix)
         bar.update(1)
         if step == total_steps or (config.save_every and step % config.save_every == 0):
-            checkpoints.save(engine, step, loop_state(step * accumulation, tokens_seen, time.perf_counter() - start,
-                                                      window, skipped, drift, refresher) | {"report_id": report_id})
+            checkpoints.save(engine, step, loop_state(
+                micro_batches=step * accumulation, tokens=tokens_seen, seconds=time.perf_counter() - start,
+                window=window, skipped=skipped, drift=drift, refresher=refresher, live=batches, report_id=report_id))
             if attempt is not None:
                 attempt.checkpointed(step, tokens_seen)
         crash_point("train_step")
