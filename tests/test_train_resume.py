@@ -228,6 +228,35 @@ def test_identity_rules():
         "steps: None -> 9"
 
 
+def test_loop_state_round_trip_keeps_drift_and_refreshed_rows(train_root, tmp_path):
+    """What a refreshing run needs to resume (lopd.refresh needs vLLM, so the state is checked here, not a kill)."""
+    from lopd.cache import open_cache
+    from lopd.drift import ShardDrift
+    from lopd.refresh import Refresher
+    from lopd.train.checkpoint import loop_state, restore_loop_state
+    from lopd.train.data import SequenceDataset
+
+    cache, fresh = open_cache(train_root / "scores" / "s-r-resume"), open_cache(train_root / "scores" / "s-r-poisoned")
+    drift = ShardDrift(16)
+    drift.add({"tokens": torch.tensor([3.0, 4.0]), "weight": torch.tensor([2.5, 3.0])}, torch.tensor([1, 20]))
+    refresher = Refresher(cache, SequenceDataset(cache), None, tmp_path)
+    refresher.dataset.replace(7, fresh, 0)
+    refresher.generations, refresher.rows_refreshed, refresher.rollout_seconds = [{"step": 5}], 1, 2.5
+    state = loop_state(micro_batches=6, tokens=40, seconds=1.0, window={"loss": [1.0]}, skipped=0, drift=drift,
+                       refresher=refresher, live=None, report_id="r")
+    torch.save(state, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+
+    drift2, refresher2 = ShardDrift(16), Refresher(cache, SequenceDataset(cache), None, tmp_path)
+    restore_loop_state(state, drift2, refresher2, None)
+    assert drift2.overall.sums == drift.overall.sums and drift2.shards.keys() == {0, 1}
+    assert drift2.shards[1].summary() == drift.shards[1].summary()
+    assert {row: (c.path, j) for row, (c, j) in refresher2.dataset.replaced.items()} == {7: (fresh.path, 0)}
+    assert refresher2.dataset[7]["teacher_logprobs"].tolist() == fresh[0].teacher_logprobs.tolist() != \
+        cache[7].teacher_logprobs.tolist()
+    assert refresher2.summary() == refresher.summary()
+
+
 # -- reporting
 
 
