@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -291,6 +292,20 @@ def test_wandb_offline_run(train_root, tmp_path, monkeypatch):
 
 
 # -- non-finite losses and gradients
+
+
+def test_nonfinite_message_names_the_field_or_says_the_inputs_were_finite():
+    from lopd.train.data import collate
+    from lopd.train.nonfinite import nonfinite_message
+
+    item = {"prompt_ids": np.array([1, 4]), "response_ids": np.array([5, 6]), "behaviour_logprobs": np.zeros(2),
+            "reward": float("nan"), "group_id": 0, "rubric_reward": float("nan")}
+    assert nonfinite_message(3, "grpo", "loss", collate([item], pad_id=0)) == (
+        "non-finite loss at step 3 (loss 'grpo'): the batch's 'rewards' holds NaN/inf (rewards are NaN for rollouts "
+        "made without `lopd rollout --verifier`); --skip-nonfinite skips such steps instead")
+    message = nonfinite_message(8, "srpo", "gradient norm", collate([dict(item, reward=1.0)], pad_id=0))
+    assert message.startswith("non-finite gradient norm at step 8 (loss 'srpo'): its inputs are finite, so the student "
+                              "diverged") and "\n" not in message  # a NaN rubric reward only marks an unjudged row
 
 
 def test_rewards_of_a_rollout_set_without_verifier_are_not_available(train_root):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -243,6 +244,8 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     state = checkpoints.load(engine, resume) if resume is not None else {}
     start_step = state.get("step", 0)
+    if state and not quiet and distributed.rank() == 0:
+        tqdm.write(f"resuming from {resume} (step {start_step} of {total_steps})", file=sys.stderr)
 
     micro = ds_config["train_micro_batch_size_per_gpu"]
     accumulation = ds_config["gradient_accumulation_steps"]
