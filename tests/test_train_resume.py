@@ -217,6 +217,17 @@ def test_resume_with_another_configuration_is_refused(train_root, tmp_path):
     assert [r["step"] for r in metric_rows(out)] == [1, 2, 3, 4]
 
 
+def test_truncate_jsonl_keeps_rows_up_to_the_step_and_drops_a_torn_line(tmp_path):
+    from lopd.train.checkpoint import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2}\n{"step": 2, "loss": 1}\n{"step": 3, "loss": 0.5}\n{"step": 4, "lo')
+    truncate_jsonl(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2}\n{"step": 2, "loss": 1}\n'
+    truncate_jsonl(tmp_path / "absent.jsonl", 2)
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
 def test_identity_rules():
     base = run_identity(TrainConfig(lr_schedule="constant"), "s", ["a"], 1)
     assert identity_change(base, run_identity(TrainConfig(steps=9, log_every=3, report_to="none"), "s", ["a"], 1)) is None

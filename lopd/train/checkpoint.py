@@ -129,7 +129,6 @@ class Checkpoints:
         if distributed.rank() == 0:
             write_json_atomic(partial / META, {"step": step, "identity": self.identity, "saved_at": time.time()})
             crash_point("checkpoint_rename")
-            shutil.rmtree(final, ignore_errors=True)  # a checkpoint of the same step from an attempt that was killed
             os.replace(partial, final)
             for old in self.complete()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -208,13 +207,21 @@ def restore_loop_state(state: dict[str, Any], drift: ShardDrift, refresher: Refr
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the rows of `path` up to `step` (a resumed run writes the later ones again); atomic."""
+    """Keep the rows of `path` up to `step` (a resumed run writes the later ones again); atomic. A line that does not
+    parse is the torn last line of a process killed mid-write, and goes too."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if (n := _step_of(line)) is not None and n <= step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class Attempt:
