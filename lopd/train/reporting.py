@@ -22,7 +22,6 @@ class Reporter:
     """`log(step, row)` sends a metrics row's finite numbers to the configured target; `close()` flushes it."""
 
     def __init__(self, target: str, out_dir: Path, config: TrainConfig, run_id: str, resumed_step: int = 0):
-        self.target = target
         self.writer = None
         self.run = None
         if target == "tensorboard":
