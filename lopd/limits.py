@@ -71,6 +71,8 @@ LIMITS: dict[str, Limit] = {
     "lora_rank": Limit(int, 0),
     "lora_alpha": Limit(float, 0, min_open=True),
     "lora_dropout": Limit(float, 0, 1, max_open=True),
+    "save_every": Limit(int, 0),
+    "keep_checkpoints": Limit(int, 1),
     # diagnostics
     "rows": Limit(int, 1),
 }

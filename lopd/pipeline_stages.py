@@ -139,7 +139,7 @@ class StageRunner:
         batches = None
         if p.get("online"):
             source = None
-            batches = self.online_sampler(p, student, outputs, config).factory()
+            batches = self.online_sampler(p, student, outputs, config)
         elif "cache" in p:
             source = open_cache(outputs[p["cache"]]["path"], max_decoded_shards=config.max_decoded_shards)
         elif "rollouts" in p:
@@ -152,8 +152,11 @@ class StageRunner:
         if config.refresh:
             refresh = RefreshContext(self.model_path(p["teacher"], outputs), self.engines(), self.root,
                                      self.experiment(plan, stage), stage_engine_args(self.spec, p, None, stage.id))
+        # The state file has already decided this stage runs: checkpoints of an interrupted run of the same stage
+        # (same key) resume, those of a stage whose parameters or inputs have changed since are discarded.
         result = train(student, source, config, out_dir / stage.id, batches=batches, root=self.root,
-                       experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh)
+                       experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh,
+                       restart_on_change=True, run_key=stage.key)
         return {"path": str(result.model), "checkpoint": str(result.checkpoint), "steps": result.steps,
                 "tokens": result.tokens, **result.refresh}
 

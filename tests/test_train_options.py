@@ -37,6 +37,9 @@ def test_every_train_config_field_is_a_train_option():
     (["--loss-chunk-size", "0"], "--loss-chunk-size"),
     (["--betas", "0.9", "1.5"], "--betas"),
     (["--dtype", "fp16"], "--dtype"),
+    (["--save-every", "-1"], "--save-every"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+    (["--report-to", "mlflow"], "--report-to"),
 ])
 def test_bad_numbers_are_refused_by_the_command_line(argv, message, tmp_path):
     result = CliRunner().invoke(main, ["train", "--student", "x", "--cache", "y", "--out", str(tmp_path / "o"), *argv])
@@ -52,6 +55,8 @@ def test_bad_numbers_are_refused_by_the_command_line(argv, message, tmp_path):
     ({"lr": float("nan")}, "lr = nan is invalid"),
     ({"lora_rank": 8, "zero_stage": 3}, "--zero-stage 2"),
     ({"merge_lora": True}, "--lora-rank"),
+    ({"skip_nonfinite": True, "zero_stage": 0}, "--zero-stage 1"),
+    ({"report_to": "mlflow"}, "'report_to' must be one of tensorboard, wandb, none"),
 ])
 def test_bad_values_are_refused_for_pipeline_stages_too(params, message):
     with pytest.raises(LopdError, match=message) as err:

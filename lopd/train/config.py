@@ -69,6 +69,14 @@ class TrainConfig:
                                      "evicted first); lopd.cache.reader.DEFAULT_MAX_DECODED_SHARDS.")
     token_filter_signal: str = option("", "Loss whose gradient is the teacher signal for --token-filter "
                                       "(default: the training loss).")
+    save_every: int = option(0, "Steps between resumable checkpoints under OUT/checkpoints (0 = only at the end); "
+                             "rerunning the same command resumes from the last one.")
+    keep_checkpoints: int = option(1, "Resumable checkpoints kept (the oldest are deleted).")
+    report_to: str = option("tensorboard", "Where metrics go besides metrics.jsonl: TensorBoard event files in OUT/tb, "
+                            "Weights & Biases (WANDB_MODE=offline works without network), or none.",
+                            choices=REPORT_TARGETS)
+    skip_nonfinite: bool = option(False, "Skip an optimizer step whose loss or gradient norm is NaN/inf (counted as "
+                                  "nonfinite_skipped in the metrics) instead of stopping with an error.")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -82,6 +90,9 @@ class TrainConfig:
                             "pass --zero-stage 2")
         if self.merge_lora and not self.lora_rank:
             raise LopdError("--merge-lora needs a LoRA run (--lora-rank R)")
+        if self.skip_nonfinite and self.zero_stage == 0 and not self.bf16:
+            raise LopdError("--skip-nonfinite needs DeepSpeed's overflow check, which ZeRO stage 0 in fp32 lacks: "
+                            "pass --zero-stage 1 or higher")
 
     @property
     def bf16(self) -> bool:

@@ -24,9 +24,11 @@ def available_fields(source: ScoreCache | RolloutSet | None, attached: dict[str,
     if source is None:
         return set()
     rollouts = source.rollouts if isinstance(source, ScoreCache) else source
-    available = {"behaviour_logprobs", "rewards", "group_ids"} | set(attached or {})
+    available = {"behaviour_logprobs", "group_ids"} | set(attached or {})
     if isinstance(source, ScoreCache):
         available |= {"teacher_logprobs", "topk"}
+    if np.isfinite(rollouts.rewards).all():  # a rollout set made without --verifier stores NaN rewards
+        available.add("rewards")
     if np.isfinite(rollouts.rubric_rewards).any():
         available.add("rubric_rewards")
     return available

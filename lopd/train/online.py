@@ -8,7 +8,7 @@ through vLLM (`lopd rollout`, `lopd score`).
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -17,7 +17,9 @@ from lopd.train.data import Batch, collate
 
 
 class OnlineSampler:
-    """An endless stream of freshly sampled and teacher-scored micro-batches."""
+    """An endless stream of freshly sampled and teacher-scored micro-batches: `sampler(student)` is the trainer's
+    `batches`. Its prompt order is its own RNG's, which `state_dict` exposes so a resumed run continues it (the
+    sampling itself draws from torch's global RNG, which the trainer's checkpoints restore)."""
 
     def __init__(self, teacher_dir: str, prompt_ids: list[list[int]], *, k: int, n: int, temperature: float,
                  max_tokens: int, micro_batch_size: int, eos_id: int, pad_id: int, seed: int):
@@ -32,8 +34,14 @@ class OnlineSampler:
         self.eos_id, self.pad_id = eos_id, pad_id
         self.rng = random.Random(seed)
 
-    def factory(self) -> Callable[[torch.nn.Module], Iterator[Batch]]:
-        return lambda model: self.stream(model)
+    def __call__(self, student: torch.nn.Module) -> Iterator[Batch]:
+        return self.stream(student)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
 
     def stream(self, student: torch.nn.Module) -> Iterator[Batch]:
         while True:

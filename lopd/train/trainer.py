@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -24,6 +26,7 @@ from lopd.cost.ledger import record_stage
 from lopd.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
 from lopd.engine import resolve_model
 from lopd.errors import LopdError
+from lopd.faults import crash_point
 from lopd.fingerprint import model_fingerprint
 from lopd.guards import check_training_inputs
 from lopd.lineage import read_lineage, write_lineage
@@ -33,8 +36,12 @@ from lopd.losses.student import StudentLogprobs, StudentRequest
 from lopd.refresh import Refresher, RefreshContext
 from lopd.rollout_set import RolloutSet
 from lopd.train import distributed
+from lopd.train.checkpoint import (Attempt, Checkpoints, loop_state, restore_loop_state, restore_rng, run_identity,
+                                  truncate_jsonl)
 from lopd.train.config import TrainConfig
 from lopd.train.data import Batch, SequenceDataset, available_fields, collate
+from lopd.train.nonfinite import nonfinite_message
+from lopd.train.reporting import Reporter
 from lopd.train.sampling import GroupBatchSampler, ShardWindowSampler
 from lopd.train.student_head import StudentHead, load_student
 
@@ -51,6 +58,7 @@ class TrainResult:
     seconds: float
     final_metrics: dict[str, float]
     refresh: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0  # the checkpoint step this attempt continued (0: a fresh run)
 
     @property
     def model(self) -> Path:
@@ -106,10 +114,15 @@ class HookedBatchSampler:
 
 
 def offline_batches(dataset: SequenceDataset, config: TrainConfig, micro: int, pad_id: int,
-                    before: Callable[[list[int]], None] | None = None, grouped: bool = False) -> Iterator[Batch]:
+                    before: Callable[[list[int]], None] | None = None, grouped: bool = False,
+                    skip: int = 0) -> Iterator[Batch]:
     """Shuffled micro-batches over the cache through a DataLoader, epoch after epoch, each rank its own slice.
 
     `grouped`: micro-batches of whole groups (the rollouts of one prompt), for group-relative losses.
+    `skip`: micro-batches already trained on (a resumed run). Each epoch's order is a function of the seed and the
+    epoch alone, so it is recomputed and the first `skip` batches are passed over by their row indices, unread.
+    The DataLoader gets its own generator: drawing its base seed from the global one would shift the RNG stream
+    of a resumed run against an uninterrupted one.
     """
     from torch.utils.data import BatchSampler, DataLoader
 
@@ -121,12 +134,14 @@ def offline_batches(dataset: SequenceDataset, config: TrainConfig, micro: int, p
     else:
         sampler = ShardWindowSampler(row_shards, window, distributed.rank(), distributed.world_size(), config.seed)
         batches, set_epoch = BatchSampler(sampler, micro, drop_last=False), sampler.set_epoch
-    loader = DataLoader(dataset, batch_sampler=HookedBatchSampler(batches, before),
-                        collate_fn=partial(collate, pad_id=pad_id))
     epoch = 0
     while True:
         set_epoch(epoch)
-        yield from loader
+        order = list(batches)
+        if skip < len(order):
+            yield from DataLoader(dataset, batch_sampler=HookedBatchSampler(order[skip:], before),
+                                  collate_fn=partial(collate, pad_id=pad_id), generator=torch.Generator())
+        skip = max(0, skip - len(order))
         epoch += 1
 
 
@@ -159,12 +174,17 @@ def train(
     experiment: str = "default",
     attached: dict[str, ScoreCache] | None = None,
     refresh_context: RefreshContext | None = None,
+    restart_on_change: bool = False,
+    run_key: str | None = None,
 ) -> TrainResult:
     """Train `student` on `source`, or on `batches(model)` from a live sampler, and save a HF checkpoint to `out_dir`.
 
     With `config.refresh` thresholds (and a `refresh_context` naming the teacher and engines), stale cache shards
     are re-rolled and re-scored during training (lopd.refresh). `attached` maps LossInputs fields to further score
     sets over the same rollouts (lopd.train.data.ATTACHABLE: G-OPD's base model, RLCSD's contrast).
+    A run whose `out_dir` holds a resumable checkpoint of the same run continues from it (lopd.train.checkpoint);
+    one of another run is refused, or deleted with `restart_on_change`; `run_key` adds to what "the same run" means
+    (a pipeline stage's key).
     """
     attached = dict(attached or {})
     student = resolve_model(student)
@@ -187,24 +207,36 @@ def train(
     elif isinstance(source, RolloutSet):
         inputs += [source.id]
     deepspeed = distributed.init_process_group()
+    out_dir = Path(out_dir)
+    checkpoints = Checkpoints(out_dir, run_identity(config, student, inputs, distributed.world_size(), run_key),
+                              config.keep_checkpoints)
+    resume = [checkpoints.find(restart_on_change) if distributed.rank() == 0 else None]
+    if distributed.world_size() > 1:
+        torch.distributed.broadcast_object_list(resume)
+    run = partial(_train, student, source, config, spec, loss_args, out_dir, batches, quiet, deepspeed, attached,
+                  refresh_context, checkpoints, resume[0])
     if distributed.rank() != 0:
-        return _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, deepspeed, attached,
-                      refresh_context)
-    stage = "sft" if config.loss == "sft" else "train"
-    with record_stage(root, experiment=experiment, stage=stage, method=config.loss, artifact=str(Path(out_dir).resolve()),
-                      inputs=inputs) as rec:
-        result = _train(student, source, config, spec, loss_args, Path(out_dir), batches, quiet, deepspeed, attached,
-                        refresh_context)
-        rec.tokens = result.tokens
-        rec.extra = {"steps": result.steps, **result.refresh}
-        if distributed.world_size() > 1:
-            rec.device_count = distributed.world_size()
+        return run(None)
+    fields = {"experiment": experiment, "stage": "sft" if config.loss == "sft" else "train", "method": config.loss,
+              "artifact": str(out_dir.resolve()), "inputs": inputs}
+    devices = {"device_count": distributed.world_size()} if distributed.world_size() > 1 else {}
+    Attempt.recover_killed(out_dir, root, {**fields, **devices})
+    with record_stage(root, **fields) as rec:
+        rec.device_count = devices.get("device_count")
+        attempt = Attempt(out_dir, rec)
+        try:
+            result = run(attempt)
+        finally:
+            attempt.end()
+        rec.extra = {"steps": result.steps, "resumed_from": result.resumed_from, **result.refresh}
     return result
 
 
 def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_dir: Path, batches, quiet,
-           deepspeed, attached: dict[str, ScoreCache], refresh_context: RefreshContext | None) -> TrainResult:
-    """The training loop proper (every rank runs it; rank 0 also writes metrics and the checkpoint)."""
+           deepspeed, attached: dict[str, ScoreCache], refresh_context: RefreshContext | None, checkpoints: Checkpoints,
+           resume: Path | None, attempt: Attempt | None) -> TrainResult:
+    """The training loop proper (every rank runs it; rank 0 also writes metrics and the checkpoint, and keeps the
+    `attempt`'s heartbeat)."""
     from transformers import AutoTokenizer
 
     torch.manual_seed(config.seed)
@@ -216,6 +248,10 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     total_steps = steps_for(config, len(source)) if source is not None else (config.steps or 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, config, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    state = checkpoints.load(engine, resume) if resume is not None else {}
+    start_step = state.get("step", 0)
+    if state and not quiet and distributed.rank() == 0:
+        tqdm.write(f"resuming from {resume} (step {start_step} of {total_steps})", file=sys.stderr)
 
     micro = ds_config["train_micro_batch_size_per_gpu"]
     accumulation = ds_config["gradient_accumulation_steps"]
@@ -225,7 +261,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     token_filter = alignment.build_token_filter(config.token_filter, source, spec, loss_args, config.token_filter_signal)
     drift = ShardDrift(source.manifest["rows_per_shard"] if isinstance(source, ScoreCache) else 1 << 62)
     refresher = None
-    step = 0
+    step = start_step
     if batches is not None:
         stream = batches(engine.module.lm)
     else:
@@ -237,19 +273,36 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
         before = None
         if refresher is not None and policy.every_step:
             before = lambda rows: refresher.refresh(list(rows), engine.module.lm, tokenizer, step)  # noqa: E731
-        stream = offline_batches(dataset, config, micro, pad_id, before, grouped="group_ids" in spec.needs)
+        stream = offline_batches(dataset, config, micro, pad_id, before, grouped="group_ids" in spec.needs,
+                                 skip=state.get("micro_batches", 0))
 
     student_request = spec.student_request(loss_args)
     is_main = distributed.rank() == 0
-    metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
-    drift_file = (out_dir / "drift.jsonl").open("w") if is_main and isinstance(source, ScoreCache) else None
-    start = time.perf_counter()
-    tokens_seen = 0
-    window: dict[str, list[float]] = {}
+    if is_main:
+        checkpoints.clear_partial()
+        for name in ("metrics.jsonl", "drift.jsonl"):
+            truncate_jsonl(out_dir / name, start_step)
+    mode = "a" if resume is not None else "w"
+    metrics_file = (out_dir / "metrics.jsonl").open(mode) if is_main else None
+    drift_file = (out_dir / "drift.jsonl").open(mode) if is_main and isinstance(source, ScoreCache) else None
+    report_id = state.get("report_id") or uuid.uuid4().hex[:16]  # one W&B run across the attempts of a run
+    reporter = Reporter(config.report_to, out_dir, config, report_id, start_step) if is_main else None
+    start = time.perf_counter() - state.get("seconds", 0.0)
+    tokens_seen = state.get("tokens", 0)
+    window: dict[str, list[float]] = state.get("window", {})
+    skipped = state.get("nonfinite_skipped", 0)
+    if state:
+        restore_loop_state(state, drift, refresher, batches)
+        restore_rng(state["rng"])
+    if attempt is not None:
+        attempt.resumed(start_step, tokens_seen)
     last: dict[str, float] = {}
     engine.train()
-    bar = tqdm(total=total_steps, desc=f"train {config.loss}", unit="step", disable=quiet or not is_main)
-    for step in range(1, total_steps + 1):
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.loss}", unit="step",
+               disable=quiet or not is_main)
+    for step in range(start_step + 1, total_steps + 1):
+        nonfinite = None  # the message for this step's first NaN/inf loss or gradient norm
+        step_tokens = 0
         for _ in range(accumulation):
             batch = next(stream).to(engine.device)
             request = replace(student_request, topk_overlap=topk_width(batch))
@@ -262,11 +315,27 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
             out = spec.fn(filtered_inputs, **loss_args)
             engine.backward(out.loss)
             engine.step()
-            tokens_seen += batch.num_tokens
+            step_tokens += batch.num_tokens
             drift.add(token_drift(untempered(inputs, engine.module, batch), policy.band),
                       batch.rows if batch.rows is not None else torch.zeros(len(batch.input_ids), dtype=torch.long))
-            for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+            loss = out.loss.item()
+            if not math.isfinite(loss):
+                nonfinite = nonfinite or nonfinite_message(step, config.loss, "loss", batch)
+                continue
+            for key, value in {"loss": loss, **out.metrics}.items():
                 window.setdefault(key, []).append(value)
+        grad_norm = engine.get_global_grad_norm()  # None under ZeRO-0 in fp32, which computes none
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            nonfinite = nonfinite or nonfinite_message(step, config.loss, "gradient norm", None)
+        if nonfinite is not None:  # DeepSpeed has dropped the update (its overflow check)
+            if not config.skip_nonfinite:
+                bar.close()
+                raise LopdError(nonfinite)
+            skipped += 1
+        else:
+            tokens_seen += step_tokens
+            if grad_norm is not None:
+                window.setdefault("grad_norm", []).append(float(grad_norm))
         if refresher is not None and not policy.every_step and step % policy.check_every == 0:
             stale = policy.stale(drift)
             if stale:
@@ -284,27 +353,41 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
             record = {"step": step, **{k: round(v, 6) for k, v in last.items()},
                       "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / elapsed, 1),
                       "lr": scheduler.get_last_lr()[0], **(refresher.summary() if refresher else {})}
+            if config.skip_nonfinite:
+                record["nonfinite_skipped"] = skipped
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                reporter.log(step, record)
+                attempt.alive(step)
             if drift_file:
                 drift_file.write(json.dumps({"step": step, "shards": {
                     s: d.summary() for s, d in sorted(drift.shards.items())}}) + "\n")
                 drift_file.flush()
-            postfix = {"loss": f"{last['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            postfix = {"loss": f"{last.get('loss', math.nan):.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
             if "kl" in last:
                 postfix.update(kl=f"{last['kl']:.3f}", w=f"{last['importance_weight']:.3f}")
             if refresher:
                 postfix["refreshes"] = len(refresher.generations)
             bar.set_postfix(postfix)
         bar.update(1)
+        if step == total_steps or (config.save_every and step % config.save_every == 0):
+            checkpoints.save(engine, step, loop_state(
+                micro_batches=step * accumulation, tokens=tokens_seen, seconds=time.perf_counter() - start,
+                window=window, skipped=skipped, drift=drift, refresher=refresher, live=batches, report_id=report_id))
+            if attempt is not None:
+                attempt.checkpointed(step, tokens_seen)
+        crash_point("train_step")
     bar.close()
     seconds = time.perf_counter() - start
-    for f in (metrics_file, drift_file):
+    for f in (metrics_file, drift_file, reporter):
         if f:
             f.close()
     save_checkpoint(engine, tokenizer, out_dir, config, student, source)
-    return TrainResult(out_dir, total_steps, tokens_seen, seconds, last, refresher.summary() if refresher else {})
+    if attempt is not None:
+        attempt.finished(tokens_seen)
+    return TrainResult(out_dir, total_steps, tokens_seen, seconds, last, refresher.summary() if refresher else {},
+                       start_step)
 
 
 def topk_width(batch: Batch) -> int:
