@@ -58,6 +58,7 @@ LIMITS: dict[str, Limit] = {
     "lr": Limit(float, 0, min_open=True),
     "batch_size": Limit(int, 1),
     "micro_batch_size": Limit(int, 1),
+    "max_tokens_per_micro_batch": Limit(int, 1),
     "steps": Limit(int, 1),
     "epochs": Limit(float, 0, min_open=True),
     "warmup_steps": Limit(int, 0),

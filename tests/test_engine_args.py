@@ -122,7 +122,7 @@ def test_rollout_and_eval_pass_engine_options(spy, tmp_path):
     prompts.write_text(json.dumps({"prompt": "ab="}) + "\n")
     invoke("rollout", "--model", STUDENT, "--prompts", str(prompts), "--root", str(tmp_path),
            "--engine-arg", "max_model_len=48", "--engine-arg", "gpu_memory_utilization=0.3")
-    invoke("eval", "--model", STUDENT, "--prompts", str(prompts), "--root", str(tmp_path),
+    invoke("eval", "--model", STUDENT, "--prompts", str(prompts), "--verifier", "lopd.toy.words:verify", "--root", str(tmp_path),
            "--engine-arg", "tensor_parallel_size=2")
     assert (spy[0]["max_model_len"], spy[0]["gpu_memory_utilization"]) == (48, 0.3)
     assert spy[1]["tensor_parallel_size"] == 2 and "max_model_len" not in spy[1]  # the model's own context

@@ -44,6 +44,9 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "Gradient-norm clip (0 = off).")
     batch_size: int = option(64, "Sequences per optimizer step, across all ranks.")
     micro_batch_size: int | None = option(None, "Sequences per forward pass per rank (default: batch size / ranks).")
+    max_tokens_per_micro_batch: int | None = option(
+        None, "Token budget per forward pass (rows x longest sequence): each step's rows are grouped by length into "
+        "micro-batches within it, so short rollouts are not padded to the longest; a longer row goes alone.")
     steps: int | None = option(None, "Optimizer steps (default: --epochs passes over the data).")
     epochs: float = option(1.0, "Passes over the data when --steps is not given.")
     zero_stage: int = option(2, "DeepSpeed ZeRO stage.")

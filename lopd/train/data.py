@@ -61,6 +61,11 @@ class SequenceDataset(Dataset):
             return np.zeros(len(self), np.int64), 1
         return np.arange(len(self)) // self.cache.manifest["rows_per_shard"], self.cache.max_decoded_shards
 
+    def sequence_lengths(self) -> np.ndarray:
+        """Prompt + response tokens of every row (what a micro-batch pads to), without reading the cache."""
+        r = self.rollouts
+        return np.array([len(p) + len(q) for p, q in zip(r.prompt_ids, r.response_ids)], dtype=np.int64)
+
     def replace(self, index: int, cache: ScoreCache, row: int) -> None:
         """Serve row `index` from a refreshed score set from now on (its group id is kept)."""
         if self.attached:

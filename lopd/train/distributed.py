@@ -49,3 +49,14 @@ def world_size() -> int:
     import torch
 
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest `value` any rank holds (one all-reduce; the value itself on a single process)."""
+    import torch
+
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())

@@ -42,7 +42,7 @@ from lopd.train.config import TrainConfig
 from lopd.train.data import Batch, SequenceDataset, available_fields, collate
 from lopd.train.nonfinite import nonfinite_message
 from lopd.train.reporting import Reporter
-from lopd.train.sampling import GroupBatchSampler, ShardWindowSampler
+from lopd.train.sampling import GroupBatchSampler, ShardWindowSampler, split_by_tokens
 from lopd.train.student_head import StudentHead, load_student
 
 
@@ -68,13 +68,18 @@ class TrainResult:
 
 
 def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
+    """DeepSpeed's config for these options. With a token budget the number of micro-batches per step varies, so
+    DeepSpeed's own accumulation count is off (`managed_gradient_accumulation`: every `step()` is a boundary) and
+    the trainer weights each micro-batch's loss itself (`step_weights`)."""
     micro = config.micro_batch_size or max(1, config.batch_size // world)
     if config.batch_size % (micro * world):
         raise LopdError(f"--batch-size {config.batch_size} is not a multiple of micro batch {micro} x {world} ranks")
+    token_budget = {"managed_gradient_accumulation": False} if config.max_tokens_per_micro_batch else {}
     return {
         "train_batch_size": config.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": config.batch_size // (micro * world),
+        **token_budget,
         "gradient_clipping": config.max_grad_norm,
         "zero_optimization": {"stage": config.zero_stage},
         "bf16": {"enabled": config.bf16},
@@ -113,11 +118,14 @@ class HookedBatchSampler:
         return len(self.batches)
 
 
-def offline_batches(dataset: SequenceDataset, config: TrainConfig, micro: int, pad_id: int,
+def offline_batches(dataset: SequenceDataset, config: TrainConfig, micro: int, accumulation: int, pad_id: int,
                     before: Callable[[list[int]], None] | None = None, grouped: bool = False,
-                    skip: int = 0) -> Iterator[Batch]:
-    """Shuffled micro-batches over the cache through a DataLoader, epoch after epoch, each rank its own slice.
+                    skip: int = 0) -> Iterator[list[Batch]]:
+    """Shuffled optimizer steps over the cache, each a list of micro-batches, epoch after epoch, each rank its own
+    slice, read through a DataLoader.
 
+    A step is `accumulation` micro-batches of `micro` rows, or, with `config.max_tokens_per_micro_batch`, the
+    step's `micro * accumulation` rows split by that token budget, longest rows first (`split_by_tokens`).
     `grouped`: micro-batches of whole groups (the rollouts of one prompt), for group-relative losses.
     `skip`: micro-batches already trained on (a resumed run). Each epoch's order is a function of the seed and the
     epoch alone, so it is recomputed and the first `skip` batches are passed over by their row indices, unread.
@@ -126,23 +134,45 @@ def offline_batches(dataset: SequenceDataset, config: TrainConfig, micro: int, p
     """
     from torch.utils.data import BatchSampler, DataLoader
 
+    budget = config.max_tokens_per_micro_batch
+    rows = micro * accumulation if budget else micro  # what the sampler hands out at once: a step, or a micro-batch
     row_shards, window = dataset.row_shards()  # shuffle within windows of the shards the reader keeps decoded
+    group_ids = dataset.rollouts.group_ids if grouped else None
     if grouped:
-        batches = GroupBatchSampler(dataset.rollouts.group_ids, micro, distributed.rank(), distributed.world_size(),
-                                    config.seed, row_shards, window)
+        batches = GroupBatchSampler(group_ids, rows, distributed.rank(), distributed.world_size(), config.seed,
+                                    row_shards, window)
         set_epoch = batches.set_epoch
     else:
         sampler = ShardWindowSampler(row_shards, window, distributed.rank(), distributed.world_size(), config.seed)
-        batches, set_epoch = BatchSampler(sampler, micro, drop_last=False), sampler.set_epoch
+        batches, set_epoch = BatchSampler(sampler, rows, drop_last=False), sampler.set_epoch
+    lengths = dataset.sequence_lengths() if budget else None
     epoch = 0
     while True:
         set_epoch(epoch)
-        order = list(batches)
+        if budget:
+            steps = [split_by_tokens(step, lengths, budget, group_ids) for step in batches]
+        else:
+            flat = list(batches)
+            steps = [flat[i:i + accumulation] for i in range(0, len(flat), accumulation)]
+        order = [rows for step in steps for rows in step]
+        ends = {sum(len(step) for step in steps[:i + 1]) - 1 for i in range(len(steps))}
         if skip < len(order):
-            yield from DataLoader(dataset, batch_sampler=HookedBatchSampler(order[skip:], before),
-                                  collate_fn=partial(collate, pad_id=pad_id), generator=torch.Generator())
+            loader = DataLoader(dataset, batch_sampler=HookedBatchSampler(order[skip:], before),
+                                collate_fn=partial(collate, pad_id=pad_id), generator=torch.Generator())
+            step: list[Batch] = []
+            for index, batch in enumerate(loader, start=skip):
+                step.append(batch)
+                if index in ends:
+                    yield step
+                    step = []
         skip = max(0, skip - len(order))
         epoch += 1
+
+
+def in_steps(stream: Iterator[Batch], accumulation: int) -> Iterator[list[Batch]]:
+    """A live micro-batch source grouped into optimizer steps of `accumulation` micro-batches."""
+    while True:
+        yield [next(stream) for _ in range(accumulation)]
 
 
 def lr_factor(config: TrainConfig, total_steps: int, step: int) -> float:
@@ -263,7 +293,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     refresher = None
     step = start_step
     if batches is not None:
-        stream = batches(engine.module.lm)
+        stream = in_steps(batches(engine.module.lm), accumulation)
     else:
         dataset = SequenceDataset(source, attached)
         if policy.enabled:
@@ -273,8 +303,8 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
         before = None
         if refresher is not None and policy.every_step:
             before = lambda rows: refresher.refresh(list(rows), engine.module.lm, tokenizer, step)  # noqa: E731
-        stream = offline_batches(dataset, config, micro, pad_id, before, grouped="group_ids" in spec.needs,
-                                 skip=state.get("micro_batches", 0))
+        stream = offline_batches(dataset, config, micro, accumulation, pad_id, before,
+                                 grouped="group_ids" in spec.needs, skip=state.get("micro_batches", 0))
 
     student_request = spec.student_request(loss_args)
     is_main = distributed.rank() == 0
@@ -291,6 +321,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     tokens_seen = state.get("tokens", 0)
     window: dict[str, list[float]] = state.get("window", {})
     skipped = state.get("nonfinite_skipped", 0)
+    consumed = state.get("micro_batches", 0)  # micro-batches read so far: where a resumed run's data continues
     if state:
         restore_loop_state(state, drift, refresher, batches)
         restore_rng(state["rng"])
@@ -303,8 +334,12 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     for step in range(start_step + 1, total_steps + 1):
         nonfinite = None  # the message for this step's first NaN/inf loss or gradient norm
         step_tokens = 0
-        for _ in range(accumulation):
-            batch = next(stream).to(engine.device)
+        micro_batches = next(stream)
+        consumed += len(micro_batches)
+        weights = step_weights(micro_batches, config)
+        padded = micro_batches + micro_batches[-1:] * (len(weights) - len(micro_batches))
+        for index, (batch, weight) in enumerate(zip(padded, weights)):
+            batch = batch.to(engine.device)
             request = replace(student_request, topk_overlap=topk_width(batch))
             inputs = batch.loss_inputs(engine(batch, request))
             filtered_inputs = inputs  # drift metrics below keep every token; only the loss sees the filter
@@ -313,8 +348,13 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
                 for key, value in filtered.items():
                     window.setdefault(key, []).append(value)
             out = spec.fn(filtered_inputs, **loss_args)
-            engine.backward(out.loss)
-            engine.step()
+            if config.max_tokens_per_micro_batch:
+                engine.backward(out.loss * weight, scale_wrt_gas=False)
+            else:
+                engine.backward(out.loss)
+                engine.step()
+            if index >= len(micro_batches):  # lockstep padding (weight 0): nothing trained, nothing to count
+                continue
             step_tokens += batch.num_tokens
             drift.add(token_drift(untempered(inputs, engine.module, batch), policy.band),
                       batch.rows if batch.rows is not None else torch.zeros(len(batch.input_ids), dtype=torch.long))
@@ -324,6 +364,8 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
                 continue
             for key, value in {"loss": loss, **out.metrics}.items():
                 window.setdefault(key, []).append(value)
+        if config.max_tokens_per_micro_batch:
+            engine.step()  # the step's one accumulation boundary
         grad_norm = engine.get_global_grad_norm()  # None under ZeRO-0 in fp32, which computes none
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             nonfinite = nonfinite or nonfinite_message(step, config.loss, "gradient norm", None)
@@ -373,7 +415,7 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
         bar.update(1)
         if step == total_steps or (config.save_every and step % config.save_every == 0):
             checkpoints.save(engine, step, loop_state(
-                micro_batches=step * accumulation, tokens=tokens_seen, seconds=time.perf_counter() - start,
+                micro_batches=consumed, tokens=tokens_seen, seconds=time.perf_counter() - start,
                 window=window, skipped=skipped, drift=drift, refresher=refresher, live=batches, report_id=report_id))
             if attempt is not None:
                 attempt.checkpointed(step, tokens_seen)
@@ -388,6 +430,19 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
         attempt.finished(tokens_seen)
     return TrainResult(out_dir, total_steps, tokens_seen, seconds, last, refresher.summary() if refresher else {},
                        start_step)
+
+
+def step_weights(micro_batches: list[Batch], config: TrainConfig) -> list[float]:
+    """The loss weight of each micro-batch of an optimizer step, padded with zeros to the most micro-batches any rank
+    has this step. Fixed micro-batches: DeepSpeed averages them itself (weights unused). Token budget: each
+    micro-batch's share of the step's loss tokens, so the step's gradient is that of the token mean over its rows
+    whatever the split; ranks whose split has fewer micro-batches run zero-weight repeats so every rank calls
+    backward (and its gradient reduction) equally often."""
+    if not config.max_tokens_per_micro_batch:
+        return [1.0] * len(micro_batches)
+    tokens = [batch.num_tokens for batch in micro_batches]
+    total = max(sum(tokens), 1)
+    return [n / total for n in tokens] + [0.0] * (distributed.max_over_ranks(len(tokens)) - len(tokens))
 
 
 def topk_width(batch: Batch) -> int:
