@@ -359,10 +359,10 @@ def test_trainer_data_path_keeps_at_most_the_configured_decoded_shards(many_shar
     monkeypatch.setattr(reader, "read_shard", lambda path: decoded.append(path.name) or real_read(path))
     monkeypatch.setattr(distributed, "world_size", lambda: 2)  # this process is rank 1 of 2
     monkeypatch.setattr(distributed, "rank", lambda: 1)
-    stream = offline_batches(SequenceDataset(cache), config, micro=4, pad_id=0)
+    stream = offline_batches(SequenceDataset(cache), config, micro=4, accumulation=1, pad_id=0)
     rows = []
     for _ in range(5):  # one epoch of this rank's 20 rows
-        batch = next(stream)
+        (batch,) = next(stream)
         rows += batch.rows.tolist()
         assert cache.decoded_shards <= limit
     assert len(rows) == 20 and len(set(rows)) == 20

@@ -72,6 +72,6 @@ def test_shard_windows_decode_each_shard_once_per_epoch():
         seen = [int(shards[i]) for i in sampler]
         assert lru_decodes(seen, 3) == len(set(seen))
     assert lru_decodes([int(shards[i]) for i in np.random.default_rng(0).permutation(100)], 3) > 60  # plain shuffle
-    grouped = GroupBatchSampler(np.arange(100) // 5, micro=10, seed=1, shards_R=shards, window=3)  # groups = shards
+    grouped = GroupBatchSampler(np.arange(100) // 5, micro=10, seed=1, row_shards=shards, window=3)  # groups = shards
     assert sorted(r for b in grouped for r in b) == list(range(100))
     assert lru_decodes([int(shards[r]) for b in grouped for r in b], 3) == 20

@@ -1,7 +1,7 @@
 """Peak memory and speed of one training step at vocabulary 151,936: chunked student head against the full-logits path.
 
     python tools/bench_train_memory.py            # full run (~25 min on 2 CPU cores); tools/results/bench_train_memory.{json,png}
-    python tools/bench_train_memory.py --quick    # 1k tokens only, seconds-scale smoke run (nothing written)
+    python tools/bench_train_memory.py --quick    # 1k tokens, lightning only: a smoke run (nothing written)
 
 Model: the random-weight Qwen3 architecture of tools/real_scale.py (2 layers, hidden 256, head_dim 64, 4 heads, 2 KV
 heads, intermediate 768, untied embeddings, vocabulary 151,936: 79M parameters). Data: one row of 64 prompt + T
@@ -180,8 +180,8 @@ def main() -> None:
               for t in tokens}
     cells = []
     for t in tokens:
-        steps = 3 if t <= 4096 else 1
-        for loss in LOSSES:
+        steps = 2 if t <= 4096 else 1
+        for loss in LOSSES[:1] if args.quick else LOSSES:
             for path in ("chunked", "full"):
                 if path == "full" and full_path_gib(t) > args.full_up_to_gib:
                     cells.append({"loss": loss, "path": path, "tokens": t, "skipped": "does not fit",
