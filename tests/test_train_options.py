@@ -5,6 +5,7 @@ import math
 from dataclasses import fields
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from lopd.cli import main
@@ -79,3 +80,28 @@ def test_learning_rate_schedules():
     assert lr_factor(cosine, 10, 10) == pytest.approx(0.0, abs=1e-12)
     assert all(lr_factor(TrainConfig(), 10, s) == 1.0 for s in range(10))
     assert not math.isnan(lr_factor(TrainConfig(lr_schedule="linear"), 1, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"dtype": "bf16"}, {"grad_checkpointing": True},
+                                     {"lora_rank": 4, "merge_lora": True, "grad_checkpointing": True}],
+                         ids=["bf16", "grad-checkpointing", "lora"])
+def test_precision_and_memory_options_train(options, tmp_path_factory, tmp_path):
+    """Each option trains a few finite steps and leaves a model transformers loads (LoRA: the merged one)."""
+    from transformers import AutoModelForCausalLM
+
+    from lopd.cache import open_cache
+    from lopd.train.trainer import train
+    from toy_sets import STUDENT, make_rollout_set, make_score_set, rollout_records
+
+    root = tmp_path_factory.mktemp("options-root")
+    cache = open_cache(make_score_set(root, make_rollout_set(root / "rollouts" / "r-options",
+                                                             rollout_records([[1, 0], [0, 1], [1, 1], [0, 0]]))).path)
+    config = TrainConfig(loss="rkl_topk", steps=3, batch_size=4, lr=1e-3, allow_teacher_mismatch=True,
+                         report_to="none", log_every=1, **options)
+    result = train(STUDENT, cache, config, tmp_path / "out", quiet=True, root=root)
+    assert math.isfinite(result.final_metrics["loss"])
+    model = AutoModelForCausalLM.from_pretrained(result.model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if options.get("lora_rank"):
+        assert (result.checkpoint / "adapter_config.json").is_file() and result.model == result.checkpoint / "merged"
