@@ -28,7 +28,7 @@ from lopd.errors import LopdError
 from lopd.losses import get_loss
 from lopd.losses.base import LossInputs
 from lopd.losses.student import StudentLogprobs
-from toy_sets import STUDENT, make_rollout_set, make_score_set, rollout_records
+from toy_sets import STUDENT, TEACHER, make_rollout_set, make_score_set, rollout_records
 
 
 def signal(name: str, **args):

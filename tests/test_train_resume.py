@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from lopd.cost.ledger import read_rows
-from lopd.errors import LopdError
 from lopd.train.checkpoint import identity_change, run_identity
 from lopd.train.config import TrainConfig
 from toy_sets import STUDENT, make_rollout_set, make_score_set, rollout_records

@@ -17,8 +17,8 @@ above the steady state between steps (parameters, gradients and optimizer state 
 step), i.e. what the forward/backward of that micro-batch costs. Tokens/s are response tokens per second of the
 timed steps (after the warm-up step), both paths measured in the same run.
 
-Part 2, the whole `lopd train` command (DeepSpeed ZeRO-2, default options, batch 1, rkl_topk, 2 steps) on one 4k-token
-row and one 16k-token row: peak RSS of the process (`RUSAGE_CHILDREN`).
+Part 2, the whole `lopd train` command (DeepSpeed ZeRO-2, default options, batch 1, rkl_topk, 2 steps) on one row of
+each `--cli-tokens` length (default 4k): peak RSS of the process (`RUSAGE_CHILDREN`).
 """
 from __future__ import annotations
 
@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="lm_head chunk (default: lopd train's default)")
     parser.add_argument("--full-up-to-gib", type=float, default=14.0,
                         help="run the full path only where its analytical size is at most this")
+    parser.add_argument("--cli-tokens", type=int, nargs="*", default=[4096],
+                        help="row lengths for the whole-command runs of part 2")
     parser.add_argument("--work", type=Path, default=REPO / "storage" / "bench" / "train_memory")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -177,7 +179,7 @@ def main() -> None:
     results = start_results(chunk=chunk, vocab=QWEN3_VOCAB, prompt_tokens=PROMPT, k=K)
     model = build_qwen3(args.work / "qwen3-2l-h256")
     caches = {t: synthetic_score_set(args.work, model, rows=1, prompt_tokens=PROMPT, response_tokens=t, k=K).path
-              for t in tokens}
+              for t in sorted(set(tokens) | set(() if args.quick else args.cli_tokens))}
     cells = []
     for t in tokens:
         steps = 2 if t <= 4096 else 1
@@ -192,7 +194,7 @@ def main() -> None:
                 print(json.dumps(cell), flush=True)
                 cells.append(cell)
     results["cells"] = cells
-    results["cli"] = [] if args.quick else [run_cli(model, caches[t], args.work, t) for t in (4096, 16384)]
+    results["cli"] = [] if args.quick else [run_cli(model, caches[t], args.work, t) for t in args.cli_tokens]
     for row in results["cli"]:
         print(json.dumps(row), flush=True)
 
