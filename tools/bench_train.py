@@ -10,7 +10,7 @@ runs S optimizer steps per loss from a freshly opened cache (first shard read, c
 
 How the cache-read wait is measured (trainer.py unchanged): `train()` accepts `batches=`, a callable returning the
 micro-batch iterator. The benchmark passes exactly the iterator the trainer builds for a cache,
-`offline_batches(SequenceDataset(cache), config, micro, pad_id)`, wrapped so every `next()` is timed. The DataLoader
+`offline_batches(SequenceDataset(cache), config, micro, 1, pad_id)` (one micro-batch per step), wrapped so every `next()` is timed. The DataLoader
 runs in the training process (no workers), so the time inside `next()` (shard verify/decode, `__getitem__`,
 `collate`) is time the training loop waits for data. Share = that time / the trainer's own wall time of the step loop
 (`TrainResult.seconds`). As a cross-check the same number of micro-batches is also drawn from `offline_batches` alone
@@ -102,7 +102,8 @@ def bench_loss(loss: str, model_dir: str, cache_path: Path, work: Path, batch: i
     streams: list[TimedStream] = []
 
     def batches(_module):
-        stream = TimedStream(offline_batches(SequenceDataset(cache), config, micro, pad_id=0))
+        steps = offline_batches(SequenceDataset(cache), config, micro, 1, pad_id=0)  # one micro-batch per "step"
+        stream = TimedStream(batch for step in steps for batch in step)
         streams.append(stream)
         return stream
 
@@ -129,10 +130,11 @@ def data_only(cache_path: Path, micro: int, micro_batches: int) -> dict:
 
     config = TrainConfig(micro_batch_size=micro)
     start = time.perf_counter()
-    it = offline_batches(SequenceDataset(open_cache(cache_path)), config, micro, pad_id=0)
+    it = offline_batches(SequenceDataset(open_cache(cache_path)), config, micro, 1, pad_id=0)
     tokens = 0
     for _ in range(micro_batches):
-        tokens += next(it).num_tokens
+        (batch,) = next(it)
+        tokens += batch.num_tokens
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "micro_batches": micro_batches, "response_tokens": tokens,
             "response_tokens_per_s": tokens / seconds}

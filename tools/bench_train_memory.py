@@ -110,27 +110,38 @@ def one_cell(model_dir: str, cache_dir: str, loss: str, path: str, chunk: int, s
             "step_seconds": sum(seconds) / len(seconds), "tokens_per_s": tokens * len(seconds) / sum(seconds)}
 
 
-def run_cell(model_dir: Path, cache: Path, loss: str, path: str, chunk: int, steps: int) -> dict:
+def run_cell(model_dir: Path, cache: Path, loss: str, path: str, chunk: int, steps: int, done: Path) -> dict:
+    """One cell in a fresh process; its result is kept under `done` so an interrupted run resumes cell by cell."""
+    saved = done / f"{cache.name}-{loss}-{path}-c{chunk}-s{steps}.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
     cmd = [sys.executable, __file__, "--cell", str(model_dir), str(cache), loss, path, str(chunk), str(steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode:
         return {"loss": loss, "path": path, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    done.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(result))
+    return result
 
 
 def run_cli(model_dir: Path, cache: Path, work: Path, tokens: int) -> dict:
-    """The whole `lopd train` process with default options on one row; its peak RSS from RUSAGE_CHILDREN."""
+    """The whole `lopd train` process with default options on one row. It runs under a wrapper process whose only
+    child it is, so the wrapper's RUSAGE_CHILDREN peak is that command's alone (not this script's earlier cells)."""
+    import shutil
+
     out = work / f"cli-{tokens}"
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [str(Path(sys.executable).parent / "lopd"), "train", "--student", str(model_dir), "--cache", str(cache),
            "--loss", "rkl_topk", "--batch-size", "1", "--steps", "2", "--out", str(out), "--root", str(work)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+               "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = {"tokens": tokens, "seconds": seconds, "returncode": proc.returncode,
-              "peak_gib": peak * 1024 / GIB if peak > before else None}
-    if proc.returncode:
+    returncode, peak_kib = (int(x) for x in proc.stdout.split()[-2:])
+    result = {"tokens": tokens, "seconds": seconds, "returncode": returncode, "peak_gib": peak_kib * 1024 / GIB}
+    if returncode:
         result["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"
     return result
 
@@ -145,7 +156,7 @@ def plot(cells: list[dict], target: Path) -> None:
     for loss in LOSSES:
         for path, style in (("chunked", "-o"), ("full", "--s")):
             points = sorted((c["tokens"], c["loss_side_gib"]) for c in cells
-                            if c.get("loss") == loss and c.get("path") == path and "error" not in c)
+                            if c.get("loss") == loss and c.get("path") == path and "loss_side_gib" in c)
             if points:
                 ax.plot(*zip(*points), style, label=f"{loss} ({path})")
     xs = sorted({c["tokens"] for c in cells if "tokens" in c})
@@ -189,7 +200,7 @@ def main() -> None:
                     cells.append({"loss": loss, "path": path, "tokens": t, "skipped": "does not fit",
                                   "analytical_gib": full_path_gib(t)})
                     continue
-                cell = run_cell(model, caches[t], loss, path, chunk, steps)
+                cell = run_cell(model, caches[t], loss, path, chunk, steps, args.work / "cells")
                 cell.setdefault("tokens", t)
                 print(json.dumps(cell), flush=True)
                 cells.append(cell)
@@ -199,7 +210,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     def show(cell: dict | None, key: str, digits: int = 2) -> str:
-        if cell is None or key not in cell:
+        if cell is None or cell.get(key) is None:
             return "-"
         return f"{cell[key]:,.{digits}f}"
 
