@@ -40,10 +40,20 @@ def train_root(tmp_path_factory) -> Path:
     return root
 
 
+# A train() earlier in this pytest process (another test module) leaves a one-process launcher's RANK/MASTER_PORT in
+# os.environ while its process group still holds that port: a child must pick its own.
+LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def subprocess_env() -> dict[str, str]:
+    """This process's environment for a child `lopd train`: no crash point, no inherited launcher variables."""
+    return {k: v for k, v in os.environ.items() if k != "LOPD_CRASH_AT" and k not in LAUNCHER_VARS}
+
+
 def lopd_train(root: Path, out: Path, *extra: str, crash_at: str | None = None,
                source: tuple[str, str] = ("--cache", "s-r-resume"), ranks: int = 1) -> subprocess.CompletedProcess:
     """`lopd train` in a subprocess (under torchrun with `ranks` > 1); `crash_at` SIGKILLs it there (every rank)."""
-    env = {k: v for k, v in os.environ.items() if k != "LOPD_CRASH_AT"}
+    env = subprocess_env()
     env["OMP_NUM_THREADS"] = "1"  # two shared cores: oversubscribed threads make each step seconds
     if crash_at:
         env["LOPD_CRASH_AT"] = crash_at
@@ -190,7 +200,7 @@ def test_online_run_resumes_its_live_stream(train_root, tmp_path):
     """The online baseline samples from the model being trained: the sampler's prompt RNG and torch's sampling RNG
     must both continue where the checkpoint left them."""
     def online(out: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if k != "LOPD_CRASH_AT"} | {"OMP_NUM_THREADS": "1"}
+        env = subprocess_env() | {"OMP_NUM_THREADS": "1"}
         env |= {"LOPD_CRASH_AT": crash_at} if crash_at else {}
         return subprocess.run([sys.executable, "-c", ONLINE_SCRIPT, str(out), str(train_root)], env=env,
                               capture_output=True, text=True, timeout=900)
