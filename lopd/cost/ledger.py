@@ -273,6 +273,7 @@ def record_stage(
     inputs: Iterable[str] = (),
     tokens: int = 0,
     extra: Mapping[str, Any] | None = None,
+    open_run: bool = True,
 ) -> Iterator[StageRecord]:
     """Time the block and append its row on exit.
 
@@ -282,12 +283,14 @@ def record_stage(
     A block that raises is still recorded, with `extra["failed"] = True`, `extra["error"]` the
     exception type and outcome "failed" ("killed" for Ctrl-C), because its device time was spent;
     amortisation charges it to the experiment like any other row. The exception is re-raised unchanged.
-    A process killed outright is recorded later from its open-run file (`reap_killed_runs`).
+    A process killed outright is recorded later from its open-run file (`reap_killed_runs`); open_run=False is for
+    a stage that leaves its own, more precise record of a killed attempt (`lopd train`'s checkpoint heartbeat knows
+    which tokens a later attempt will not redo), so that such an attempt is not recorded twice.
     """
     reap_killed_runs(root)
     record = StageRecord(experiment, stage, method, artifact, list(inputs), tokens, extra=dict(extra or {}))
     started_at, start = time.time(), time.perf_counter()
-    open_run = _OpenRun(root, record, started_at)
+    running = _OpenRun(root, record, started_at) if open_run else None
     outcome = "ok"
     try:
         yield record
@@ -300,4 +303,5 @@ def record_stage(
         record.extra["outcome"] = outcome
         row = {k: v for k, v in vars(record).items() if v is not None}
         append_row(root, {**row, "started_at": started_at, "ended_at": started_at + wall, "wall_seconds": wall})
-        open_run.close()
+        if running is not None:
+            running.close()

@@ -251,7 +251,7 @@ def train(
               "artifact": str(out_dir.resolve()), "inputs": inputs}
     devices = {"device_count": distributed.world_size()} if distributed.world_size() > 1 else {}
     Attempt.recover_killed(out_dir, root, {**fields, **devices})
-    with record_stage(root, **fields) as rec:
+    with record_stage(root, **fields, open_run=False) as rec:  # a killed attempt: Attempt.recover_killed
         rec.device_count = devices.get("device_count")
         attempt = Attempt(out_dir, rec)
         try:
