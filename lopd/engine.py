@@ -5,6 +5,7 @@ everything checkable is checked here, before the engine starts.
 """
 from __future__ import annotations
 
+import atexit
 import collections.abc
 import difflib
 import enum
@@ -15,10 +16,12 @@ import os
 import sys
 import types
 import typing
+import weakref
+from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from lopd.errors import LopdError
 
@@ -34,6 +37,10 @@ OWNED_ENGINE_ARGS = {"model": "--model / --teacher"}
 # copy per step for prompt log-probs outside its memory budget, so this bounds scoring memory: 4,096 tokens x
 # 151,936 vocab x 4 B = 2.5 GB. It is vLLM's CPU default; on a GPU vLLM would take 16,384 (about 10 GB).
 SCORING_BATCHED_TOKENS = 4096
+# How long an engine core may take to exit after SIGTERM before it is killed. vLLM's own grace is 5 s, which a
+# CPU engine on a loaded machine overruns (its worker alone takes ~3 s to exit), and a killed engine core leaks its
+# shared-memory queues. Only a hung engine waits this long.
+ENGINE_SHUTDOWN_SECONDS = 30.0
 # The config.json keys vLLM reads a model's context length from (the smallest present wins), in vLLM's order.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
@@ -314,6 +321,18 @@ def numeric_engine_args(engine_args: Mapping[str, Any]) -> dict[str, Any]:
     return {k: aliases.get(engine_args[k], engine_args[k]) for k in NUMERIC_ENGINE_ARGS if k in engine_args}
 
 
+def set_cpu_engine_env() -> None:
+    """lopd's defaults for vLLM's CPU environment variables; a value the user set is kept.
+
+    vLLM keeps one core per worker for its scheduler process, which on a small machine leaves the model a single
+    OpenMP thread (1.75x slower scoring on 2 cores, BENCHMARKS.md), so lopd gives the worker every core;
+    `VLLM_CPU_NUM_OF_RESERVED_CPU=1` keeps vLLM's reservation (docs/engine.md). The KV cache gets 1 GiB
+    (`VLLM_CPU_KVCACHE_SPACE`, in GiB), which scoring and the toy worlds' rollouts fit in.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 def build_llm(
     model: str,
     *,
@@ -337,7 +356,7 @@ def build_llm(
     kwargs.update(engine_args or {})
     if cpu:
         check_cpu_head_dim(model, config)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        set_cpu_engine_env()
         if kwargs["dtype"] == "auto":
             kwargs["dtype"] = "float32" if config.get("torch_dtype", config.get("dtype")) in (None, "float32") else "bfloat16"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -347,7 +366,44 @@ def build_llm(
 
     _engine_dies_with_this_process()
     print("lopd: vLLM engine " + " ".join(f"{k}={v}" for k, v in kwargs.items()), file=sys.stderr)
-    return LLM(**kwargs)
+    llm = LLM(**kwargs)
+    # Registered after vLLM's own exit-time finalizers, so it runs before them (atexit is last-in, first-out).
+    atexit.register(_shutdown_at_exit, weakref.ref(llm))
+    return llm
+
+
+def shutdown_llm(llm) -> None:
+    """Stop an engine's processes (engine core, workers) now, from the calling thread; a second call does nothing.
+
+    Left to interpreter exit, vLLM stops them from atexit finalizers while its engine-core monitor, a daemon thread,
+    sees the engine core die and runs the same clean-up (zmq sockets, logging to stderr) concurrently; when the
+    interpreter finalizes under that thread, the process can abort after its work is done. The window grows with
+    the worker's exit time (seconds on CPU, longer when its OpenMP threads share every core with the scheduler).
+    An explicit shutdown leaves the finalizers and the monitor nothing to do.
+    """
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown(timeout=ENGINE_SHUTDOWN_SECONDS)
+
+
+def _shutdown_at_exit(ref: weakref.ref) -> None:
+    llm = ref()
+    if llm is not None:
+        shutdown_llm(llm)
+
+
+@contextmanager
+def running_engine(llm, model: str, **build_args: Any) -> Iterator[Any]:
+    """`llm` when the caller passes one (left running), else a new `build_llm(model, **build_args)` engine that is
+    shut down when the block ends, so a command's engine never outlives its stage."""
+    if llm is not None:
+        yield llm
+        return
+    engine = build_llm(model, **build_args)
+    try:
+        yield engine
+    finally:
+        shutdown_llm(engine)
 
 
 def reload_weights(llm, model_dir: str | Path) -> None:
@@ -417,5 +473,7 @@ class EnginePool:
     def close(self) -> None:
         import gc
 
+        for llm, _ in self._engines.values():
+            shutdown_llm(llm)
         self._engines.clear()
         gc.collect()

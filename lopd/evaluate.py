@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lopd.cost.ledger import record_stage
-from lopd.engine import build_llm, engine_context, model_config, resolve_model, running_context
+from lopd.engine import engine_context, model_config, resolve_model, running_context, running_engine
 from lopd.errors import LopdError
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.environment import load_environment
@@ -59,8 +59,8 @@ def evaluate(
     context = running_context(llm) if llm is not None else engine_context(model, model_config(model), engine_args or {})
     check_max_tokens(max_tokens, context, model)
     check_prompts(rows, prompt_ids, context, skip_invalid=False)
-    with record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec:
-        engine = llm or build_llm(model, seed=seed, engine_args=engine_args)
+    with (record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec,
+          running_engine(llm, model, seed=seed, engine_args=engine_args) as engine):
         if env is None:
             result = _sample_and_verify(rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, engine)
         else:

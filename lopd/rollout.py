@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lopd.cost.ledger import record_stage
-from lopd.engine import (build_llm, engine_context, model_config, numeric_engine_args, resolve_model,
-                         running_context)
+from lopd.engine import (engine_context, model_config, numeric_engine_args, resolve_model,
+                         running_context, running_engine)
 from lopd.environment import Environment, describe, load_environment
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
@@ -112,8 +112,8 @@ def rollout(
             return existing, True
     verify = load_verifier(verifier)
     rubric = load_judge(judge)
-    with record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec:
-        engine = llm or build_llm(model, seed=sampling.seed, engine_args=engine_args)
+    with (record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec,
+          running_engine(llm, model, seed=sampling.seed, engine_args=engine_args) as engine):
         if running_context(engine) != context:  # vLLM also reads limits lopd does not (e.g. the tokenizer's)
             check_max_tokens(sampling.max_tokens, running_context(engine), model)
             check_prompts(rows, prompt_ids, running_context(engine), skip_invalid=False)

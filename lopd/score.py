@@ -20,8 +20,8 @@ from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
 from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, damaged_shards, scores_dir
 from lopd.contexts import expand_context, teacher_prompts
 from lopd.cost.ledger import record_stage
-from lopd.engine import (SCORING_BATCHED_TOKENS, build_llm, check_k, engine_context, model_config,
-                         numeric_engine_args, resolve_model, running_context, vocab_size)
+from lopd.engine import (SCORING_BATCHED_TOKENS, check_k, engine_context, model_config,
+                         numeric_engine_args, resolve_model, running_context, running_engine, vocab_size)
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
 from lopd.guards import rollout_vocabulary
@@ -178,9 +178,10 @@ def score(
     writer.discard(list(damaged))
     plans = writer.plan(len(rollouts), shard_of)
 
-    with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
-        engine = llm or build_llm(teacher, max_logprobs=config.k + padded, engine_args=engine_args,
-                                  defaults={"max_model_len": needed, "max_num_batched_tokens": SCORING_BATCHED_TOKENS})
+    defaults = {"max_model_len": needed, "max_num_batched_tokens": SCORING_BATCHED_TOKENS}
+    with (record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec,
+          running_engine(llm, teacher, max_logprobs=config.k + padded, engine_args=engine_args,
+                         defaults=defaults) as engine):
         result = _score_shards(writer, plans, rollouts, prompts, config, vocab, padded, set_id, engine, quiet)
         rec.tokens = result.positions
     manifest = writer.finish(len(rollouts))

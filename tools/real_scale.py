@@ -3,7 +3,8 @@
 A Qwen3-architecture causal LM at the real vocabulary (151,936 embedding rows; the tokenizer defines
 151,669 ids, like Qwen3's) but a small hidden size, so memory effects that scale with T x V show up on a
 CPU. The tokenizer is a `tokenizers` WordLevel model over synthetic words `t0 ... tN`, which vLLM and
-transformers both load. Used by tools/bench_train_memory.py and tests that need the real vocabulary.
+transformers both load. Used by tools/bench_train_memory.py, tools/bench_score_memory.py and tests that need
+the real vocabulary.
 
     python tools/real_scale.py OUT_DIR [--layers 2 --hidden 256]
 """
@@ -50,40 +51,58 @@ def build_qwen3(out_dir: str | Path, *, layers: int = 2, hidden: int = 256, head
     return out
 
 
+def synthetic_rollout_set(root: str | Path, model_dir: str | Path, *, rows: int, prompt_tokens: int,
+                          response_tokens: int, seed: int = 0):
+    """A rollout set of `rows` random-token rows generated "by" `model_dir` (random ids, behaviour log-probs and
+    rewards), written through lopd's real rollout writer under `root`/rollouts: what `lopd score` and `lopd train`
+    read, at any length, without an engine. Returns the RolloutSet; reused when it already exists."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
+    from lopd.rollout_set import RolloutSet, write_rollout_set
+
+    model = str(Path(model_dir).resolve())
+    path = Path(root) / "rollouts" / f"r-synthetic-{rows}x{prompt_tokens}+{response_tokens}-s{seed}"
+    if not (path / "meta.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokens = len(tokenizer)
+        rng = np.random.default_rng(seed)
+        records = [{"prompt_id": f"p{i}", "group_id": i, "sample_index": 0, "prompt": "", "answer": "",
+                    "prompt_ids": rng.integers(len(SPECIALS), tokens, prompt_tokens).tolist(),
+                    "response_ids": rng.integers(len(SPECIALS), tokens, response_tokens).tolist(),
+                    "behaviour_logprobs": (-rng.random(response_tokens) * 12).tolist(), "finish_reason": "length",
+                    "reward": float(i % 2)} for i in range(rows)]
+        meta = {"id": path.name, "model": model, "model_fingerprint": model_fingerprint(model),
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "vocab_fingerprint": vocabulary_fingerprint(tokenizer)}
+        write_rollout_set(path, records, meta)
+    return RolloutSet(path)
+
+
 def synthetic_score_set(root: str | Path, model_dir: str | Path, *, rows: int, prompt_tokens: int,
                         response_tokens: int, k: int = 32, rows_per_shard: int = 16, seed: int = 0):
-    """A rollout set of `rows` random-token rows generated "by" `model_dir` and a top-k score set over it with the
-    model as its own teacher, written through lopd's real writers (no engine): random teacher log-probs, real
-    layout, real sizes. Returns the opened ScoreCache; reused when it already exists under `root`."""
+    """A rollout set of `rows` random-token rows generated "by" `model_dir` (`synthetic_rollout_set`) and a top-k
+    score set over it with the model as its own teacher, written through lopd's real writers (no engine): random
+    teacher log-probs, real layout, real sizes. Returns the opened ScoreCache; reused when it already exists under
+    `root`."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from lopd.cache.layout import id_dtype
     from lopd.cache.reader import open_cache
     from lopd.cache.score_set import ScoreSetWriter
-    from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
-    from lopd.rollout_set import RolloutSet, write_rollout_set
+    from lopd.fingerprint import model_fingerprint
 
     name = f"synthetic-{rows}x{prompt_tokens}+{response_tokens}-k{k}-s{seed}"
     root, model = Path(root), str(Path(model_dir).resolve())
     scores = root / "scores" / f"s-{name}"
     if (scores / "manifest.json").exists():
         return open_cache(scores)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    rng = np.random.default_rng(seed)
-    tokens = len(tokenizer)
-    rollout_path = root / "rollouts" / f"r-{name}"
-    if not (rollout_path / "meta.json").exists():
-        records = [{"prompt_id": f"p{i}", "group_id": i, "sample_index": 0, "prompt": "", "answer": "",
-                    "prompt_ids": rng.integers(len(SPECIALS), tokens, prompt_tokens).tolist(),
-                    "response_ids": rng.integers(len(SPECIALS), tokens, response_tokens).tolist(),
-                    "behaviour_logprobs": (-rng.random(response_tokens) * 12).tolist(), "finish_reason": "length",
-                    "reward": float(i % 2)} for i in range(rows)]
-        meta = {"id": rollout_path.name, "model": model, "model_fingerprint": model_fingerprint(model),
-                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "vocab_fingerprint": vocabulary_fingerprint(tokenizer)}
-        write_rollout_set(rollout_path, records, meta)
-    rollouts = RolloutSet(rollout_path)
+    rollouts = synthetic_rollout_set(root, model, rows=rows, prompt_tokens=prompt_tokens,
+                                     response_tokens=response_tokens, seed=seed)
+    rng = np.random.default_rng([seed, k])
+    tokens = len(AutoTokenizer.from_pretrained(model))
     vocab = QWEN3_VOCAB
     header = {"id": scores.name, "kind": "score_set", "teacher": {"model": model, "fingerprint": model_fingerprint(model)},
               "tokenizer_fingerprint": rollouts.meta["tokenizer_fingerprint"],
