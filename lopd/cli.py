@@ -124,7 +124,10 @@ def prompt_options(command):
         click.option("--system-prompt", default=None, help="System turn placed before each prompt (needs --chat)."),
         click.option("--n", default=1, show_default=True, type=option_type("n"), help="Samples per prompt."),
         click.option("--temperature", default=1.0, show_default=True, type=option_type("temperature")),
-        click.option("--max-tokens", default=32, show_default=True, type=option_type("max_tokens")),
+        click.option("--top-p", default=1.0, show_default=True, type=option_type("top_p")),
+        click.option("--max-tokens", default=None, type=option_type("max_tokens"),
+                     help="Most tokens per response (default: as many as the engine's context leaves after the "
+                          "prompt; set --engine-arg max_model_len to bound it)."),
         click.option("--seed", default=0, show_default=True),
     ]):
         command = option(command)
@@ -175,7 +178,6 @@ def main() -> None:
 @main.command()
 @click.option("--model", required=True, help="Model that generates (HF directory or hub name).")
 @prompt_options
-@click.option("--top-p", default=1.0, show_default=True, type=option_type("top_p"))
 @click.option("--verifier", default=None, help="Reward function module:function, e.g. lopd.toy.words:verify.")
 @click.option("--tool", default=None,
               help="Tool environment module:attr, e.g. lopd.toy.calc:ENVIRONMENT: multi-turn generation with the tool's "
@@ -215,7 +217,7 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
 @main.command()
 @click.option("--teacher", required=True, help="Scoring model (HF directory or hub name); must share the student's vocabulary.")
 @click.option("--rollouts", "rollouts_ref", required=True, help="Rollout set directory or id.")
-@click.option("--k", default=8, show_default=True, type=option_type("k"), help="Teacher top-k stored per position.")
+@click.option("--k", default=32, show_default=True, type=option_type("k"), help="Teacher top-k stored per position.")
 @click.option("--logprob-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--max-batch-tokens", default=16384, show_default=True, type=option_type("max_batch_tokens"), help="Token budget per vLLM scoring call (bounds prompt-logprob memory).")
 @click.option("--rows-per-shard", default=1024, show_default=True, type=option_type("rows_per_shard"))
@@ -255,7 +257,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
 @click.option("--student", required=True, help="Model to train (HF directory or hub name).")
 @click.option("--cache", "cache_ref", default=None, help="Score set directory or id (OPD losses).")
 @click.option("--rollouts", "rollouts_ref", default=None, help="Rollout set directory or id (the sft loss).")
-@click.option("--loss", default="lightning", show_default=True, help="Registered loss; see `lopd losses`.")
+@click.option("--loss", required=True, help="Registered loss, e.g. rkl_topk (the README's recommendation); see `lopd losses`.")
 @click.option("--loss-arg", "loss_args", multiple=True, help="Loss hyperparameter key=value (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory.")
 @click.option("--refresh", "refresh_args", multiple=True,
@@ -316,17 +318,19 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
 @ENGINE_ARG_OPTION
 @EXPERIMENT_OPTION
 @ROOT_OPTION
-def eval_(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, max_tokens, seed, verifier,
-          tool, engine_arg_items, experiment, root):
+def eval_(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, top_p, max_tokens, seed,
+          verifier, tool, engine_arg_items, experiment, root):
     """Accuracy of a model on a prompt set (vLLM sampling + verifier)."""
     from lopd.evaluate import evaluate
     from lopd.prompts import PromptFormat, load_prompts
+    from lopd.rollout import SamplingConfig
 
     engine_args = parse_engine_args(engine_arg_items)
     prompt_format = PromptFormat(chat=chat, system_prompt=system_prompt)
     prompt_format.validate()
     rows = load_prompts(prompts, prompt_field, answer_field)
-    emit(evaluate(model, rows, verifier, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
+    sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    emit(evaluate(model, rows, verifier, sampling,
                   root=resolve_root(root), experiment=experiment, prompt_format=prompt_format, tool=tool,
                   engine_args=engine_args).as_dict())
 

@@ -10,8 +10,8 @@ from lopd.engine import engine_context, model_config, resolve_model, running_con
 from lopd.errors import LopdError
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.environment import load_environment
-from lopd.rollout import (SamplingConfig, check_max_tokens, check_prompts, encode_prompts, generate_with_tool,
-                          load_tokenizer, seeded)
+from lopd.rollout import (SamplingConfig, check_max_tokens, check_prompts, encode_prompts, generate,
+                          generate_with_tool, load_tokenizer)
 from lopd.verifier import load_verifier
 
 
@@ -29,11 +29,8 @@ def evaluate(
     model: str,
     prompts: str | Path | list[dict[str, Any]],
     verifier: str,
+    sampling: SamplingConfig = SamplingConfig(),
     *,
-    n: int = 1,
-    temperature: float = 1.0,
-    max_tokens: int = 32,
-    seed: int = 0,
     llm=None,
     root: Path | None = None,
     experiment: str = "default",
@@ -41,12 +38,15 @@ def evaluate(
     tool: str | None = None,
     engine_args: Mapping[str, Any] | None = None,
 ) -> EvalResult:
-    """Sample `n` responses per prompt and score them. `llm`, if given, must already serve `model` (see EnginePool).
+    """Sample `sampling.n` responses per prompt and score them. `llm`, if given, must already serve `model` (see
+    EnginePool).
 
-    `prompt_format` must be the one the model was trained with (a chat-trained model is evaluated through its
-    chat template). `tool` (module:attr) runs the multi-turn tool loop of `lopd rollout --tool`; the verifier
-    then sees the whole response, observations included. `engine_args` are vLLM engine options (checked by
-    `lopd.engine.check_engine_args`); prompts are checked against the engine's context before it starts.
+    Sampling goes through the same code as `lopd rollout` (lopd.rollout.generate / generate_with_tool), so an
+    eval and a rollout with the same options see the same responses. `prompt_format` must be the one the model
+    was trained with (a chat-trained model is evaluated through its chat template). `tool` (module:attr) runs the
+    multi-turn tool loop of `lopd rollout --tool`; the verifier then sees the whole response, observations
+    included. `engine_args` are vLLM engine options (checked by `lopd.engine.check_engine_args`); prompts are
+    checked against the engine's context before it starts.
     """
     model = resolve_model(model)
     verify = load_verifier(verifier)
@@ -57,29 +57,21 @@ def evaluate(
     tokenizer = load_tokenizer(model)
     prompt_ids = encode_prompts(tokenizer, rows, prompt_format)
     context = running_context(llm) if llm is not None else engine_context(model, model_config(model), engine_args or {})
-    check_max_tokens(max_tokens, context, model)
+    check_max_tokens(sampling.max_tokens, context, model)
+    sampling = sampling.within(context)
     check_prompts(rows, prompt_ids, context, skip_invalid=False)
     with (record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec,
-          running_engine(llm, model, seed=seed, engine_args=engine_args) as engine):
+          running_engine(llm, model, seed=sampling.seed, engine_args=engine_args) as engine):
         if env is None:
-            result = _sample_and_verify(rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, engine)
+            samples = [(rows[r["group_id"]], r["text"]) for r in generate(engine, rows, prompt_ids, tokenizer,
+                                                                          sampling, verify=None)]
         else:
-            sampling = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
             trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, logprobs=False)
-            result = _score([(rows[i // n], t.text) for i, t in enumerate(trajectories)], verify)
+            samples = [(rows[i // sampling.n], t.text) for i, t in enumerate(trajectories)]
+        result = _score(samples, verify)
         rec.tokens = result.samples
         rec.extra = {"accuracy": result.accuracy, "distinct_correct": result.distinct_correct}
     return result
-
-
-def _sample_and_verify(rows, prompt_ids, tokenizer, verify, n, temperature, max_tokens, seed, engine) -> EvalResult:
-    from vllm import SamplingParams
-
-    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
-    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], seeded(params, seed, len(prompt_ids)),
-                              use_tqdm=False)
-    return _score([(row, tokenizer.decode(completion.token_ids, skip_special_tokens=True))
-                   for row, request in zip(rows, outputs) for completion in request.outputs], verify)
 
 
 def _score(samples: list[tuple[dict[str, Any], str]], verify) -> EvalResult:

@@ -201,6 +201,9 @@ def check_stage(stage: Stage) -> None:
     check_params(stage.params, f"pipeline stage {stage.id!r}")
     if stage.kind == "eval" and not stage.params.get("verifier"):
         raise LopdError(f"pipeline stage {stage.id!r}: an eval stage needs `verifier = \"module:function\"`")
+    if stage.kind == "train" and not stage.params.get("loss"):
+        raise LopdError(f"pipeline stage {stage.id!r}: a train stage needs `loss = \"NAME\"` (e.g. \"rkl_topk\"; "
+                        f"see `lopd losses`)")
 
 
 def plan(spec: dict[str, Any], root: Path) -> list[Plan]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lopd.cache.reader import open_cache
-from lopd.engine import EnginePool
+from lopd.engine import EnginePool, engine_context, model_config
 from lopd.errors import LopdError
 from lopd.evaluate import evaluate
 from lopd.pipeline import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, stage_engine_args
@@ -164,10 +164,9 @@ class StageRunner:
         """Online-OPD baseline: fresh samples from the model being trained, scored live by the teacher."""
         tok = load_tokenizer(student)
         prompt_ids = encode_prompts(tok, self.prompts(p["prompts"]), pick(PromptFormat, p))
-        return OnlineSampler(self.model_path(p["teacher"], outputs), prompt_ids,
-                             k=int(p.get("k", 32)), n=int(p.get("n", 1)), temperature=float(p.get("temperature", 1.0)),
-                             max_tokens=int(p.get("max_tokens", 32)),
-                             micro_batch_size=config.micro_batch_size or config.batch_size,
+        sampling = pick(SamplingConfig, p).within(engine_context(student, model_config(student), {}))
+        return OnlineSampler(self.model_path(p["teacher"], outputs), prompt_ids, sampling,
+                             k=int(p.get("k", ScoreConfig.k)), micro_batch_size=config.micro_batch_size or config.batch_size,
                              eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=config.seed)
 
     def run_eval(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
@@ -177,8 +176,7 @@ class StageRunner:
         for ref in refs:
             model = self.model_path(ref, outputs)
             llm, options = self.engine(stage, ref, model)
-            results[ref] = evaluate(model, self.prompts(p["prompts"]), p["verifier"], n=int(p.get("n", 1)),
-                                    temperature=float(p.get("temperature", 1.0)), max_tokens=int(p.get("max_tokens", 32)),
+            results[ref] = evaluate(model, self.prompts(p["prompts"]), p["verifier"], pick(SamplingConfig, p),
                                     llm=llm, root=self.root, prompt_format=pick(PromptFormat, p),
                                     tool=p.get("tool"), engine_args=options,
                                     experiment=f"{self.spec['name']}/seed{plan.seed}/{ref}").as_dict()

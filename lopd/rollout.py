@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,11 +25,24 @@ from lopd.verifier import load_judge, load_verifier
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """How responses are sampled, for `lopd rollout`, `lopd eval`, refresh and online OPD alike.
+
+    `max_tokens` None means "as many as the engine's context leaves after the prompt" (what vLLM's own server
+    does): a reasoning model's answer is then cut only by the context the user chose, never by a small default.
+    """
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int = 32
+    max_tokens: int | None = None
     seed: int = 0
+
+    def within(self, context: int | None) -> "SamplingConfig":
+        """This config with an unset `max_tokens` made explicit for an engine of `context` tokens (the longest
+        response any prompt leaves room for), so a set's metadata and identity record the number used."""
+        if self.max_tokens is not None or context is None:
+            return self
+        return replace(self, max_tokens=context - 1 - SCORING_ROOM)
 
 
 def load_tokenizer(model: str):
@@ -99,6 +112,7 @@ def rollout(
     prompt_ids = encode_prompts(tokenizer, rows, prompt_format)
     context = running_context(llm) if llm is not None else engine_context(model, model_config(model), engine_args)
     check_max_tokens(sampling.max_tokens, context, model)
+    sampling = sampling.within(context)
     rows, prompt_ids, skipped = check_prompts(rows, prompt_ids, context, skip_invalid)
     identity = rollout_identity(model, tokenizer, sampling, rows, prompt_ids, verifier, prompt_format,
                                 tool=tool, env=env, judge=judge, engine_args=engine_args)
@@ -118,7 +132,7 @@ def rollout(
             check_max_tokens(sampling.max_tokens, running_context(engine), model)
             check_prompts(rows, prompt_ids, running_context(engine), skip_invalid=False)
         if env is None:
-            rollouts = _generate(engine, rows, prompt_ids, tokenizer, sampling, verify, quiet)
+            rollouts = generate(engine, rows, prompt_ids, tokenizer, sampling, verify, quiet)
         else:
             trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, quiet=quiet)
             rollouts = rollout_records(rows, prompt_ids, trajectories, sampling.n, verify)
@@ -140,8 +154,8 @@ def rollout(
 SCORING_ROOM = 1
 
 
-def check_max_tokens(max_tokens: int, context: int | None, model: str) -> None:
-    if context is not None and max_tokens >= context:
+def check_max_tokens(max_tokens: int | None, context: int | None, model: str) -> None:
+    if context is not None and max_tokens is not None and max_tokens >= context:
         raise LopdError(f"--max-tokens {max_tokens} does not fit the context of {model} ({context} tokens, prompt "
                         f"included); lower --max-tokens or raise --engine-arg max_model_len")
 
@@ -222,8 +236,9 @@ def rollout_identity(model: str, tokenizer, sampling: SamplingConfig, rows: list
     return identity
 
 
-def _generate(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, quiet) -> list[dict[str, Any]]:
-    """One vLLM call over every prompt; one record per sampled response, none longer than the context allows."""
+def generate(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, quiet=True) -> list[dict[str, Any]]:
+    """One vLLM call over every prompt; one record per sampled response (with its text, and its reward when
+    `verify` is given), none longer than the context allows. Used by `lopd rollout` and `lopd eval`."""
     from vllm import SamplingParams
 
     params = SamplingParams(
@@ -233,7 +248,7 @@ def _generate(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, ver
     per_request = seeded(params, sampling.seed, len(prompt_ids))
     room = running_context(engine) - SCORING_ROOM
     for p, ids in zip(per_request, prompt_ids):
-        p.max_tokens = min(p.max_tokens, room - len(ids))
+        p.max_tokens = min(p.max_tokens or room, room - len(ids))
     outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], per_request, use_tqdm=not quiet)
 
     samples: list[Trajectory] = []
@@ -312,7 +327,7 @@ def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list
         batch, params = [], []
         for r in active:
             context = requests[r][1] + out[r].response_ids
-            budget = sampling.max_tokens - len(out[r].response_ids)
+            budget = (sampling.max_tokens or max_len) - len(out[r].response_ids)
             budget = min(budget, max_len - len(context))
             if budget <= 0:
                 out[r].finish_reason = "length"
@@ -350,7 +365,7 @@ def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list
                 continue
             t.calls += 1
             obs_ids = list(tokenizer(observation, add_special_tokens=False)["input_ids"])
-            room = sampling.max_tokens - len(t.response_ids)
+            room = (sampling.max_tokens or max_len) - len(t.response_ids)
             room = min(room, max_len - len(requests[r][1]) - len(t.response_ids))
             t.response_ids += obs_ids[: max(room, 0)]
             t.logprobs += [0.0] * min(len(obs_ids), max(room, 0))

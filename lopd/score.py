@@ -37,7 +37,7 @@ PADDED_MARGIN = 8
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    k: int = 8
+    k: int = 32
     logprob_dtype: str = "float16"
     max_batch_tokens: int = 16384
     rows_per_shard: int = 1024

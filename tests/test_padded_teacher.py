@@ -123,9 +123,10 @@ def test_a_cache_holding_padded_ids_is_refused_before_training(rollouts, tmp_pat
 
 def test_online_opd_scores_a_padded_teacher_within_the_defined_ids(padded_teacher, rollouts):
     """The online baseline's live teacher keeps the same rule: before, its top-k held padded ids too."""
+    from lopd.rollout import SamplingConfig
     from lopd.train.online import OnlineSampler
 
-    sampler = OnlineSampler(padded_teacher, [], k=K, n=1, temperature=1.0, max_tokens=4, micro_batch_size=4,
+    sampler = OnlineSampler(padded_teacher, [], SamplingConfig(max_tokens=4), k=K, micro_batch_size=4,
                             eos_id=2, pad_id=0, seed=0)
     items = [{"prompt_ids": rollouts.prompt_ids[i], "response_ids": rollouts.response_ids[i],
               "behaviour_logprobs": rollouts.behaviour_logprobs[i], "reward": float("nan"), "group_id": 0}

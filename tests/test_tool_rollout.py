@@ -248,11 +248,12 @@ def test_tool_rollout_batches_mask_observations_out(tool_rollouts):
 @pytest.mark.slow
 def test_eval_with_tool_runs_the_same_loop(pool):
     from lopd.evaluate import evaluate
+    from lopd.rollout import SamplingConfig
 
     prompts = [asdict(p) for p in calc.make_prompts("eval", 32)]
-    result = evaluate(CALC_TEACHER, prompts, VERIFIER, tool=TOOL, max_tokens=48, llm=pool.get(CALC_TEACHER))
+    result = evaluate(CALC_TEACHER, prompts, VERIFIER, SamplingConfig(max_tokens=48), tool=TOOL, llm=pool.get(CALC_TEACHER))
     assert result.samples == 32 and result.accuracy > 0.7
-    plain = evaluate(CALC_TEACHER, prompts, VERIFIER, max_tokens=48, llm=pool.get(CALC_TEACHER))
+    plain = evaluate(CALC_TEACHER, prompts, VERIFIER, SamplingConfig(max_tokens=48), llm=pool.get(CALC_TEACHER))
     assert plain.accuracy < result.accuracy  # without the tool's observations the teacher cannot finish
 
 

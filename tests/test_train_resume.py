@@ -183,12 +183,13 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR
 from lopd.train.config import TrainConfig
+from lopd.rollout import SamplingConfig
 from lopd.train.online import OnlineSampler
 from lopd.train.trainer import train
 
 tok = AutoTokenizer.from_pretrained(str(STUDENT_BASE_DIR))
 prompts = [tok(p)["input_ids"] for p in ("ab=", "c=", "qa=", "t=", "mo=")]
-sampler = OnlineSampler(str(TEACHER_DIR), prompts, k=8, n=2, temperature=1.0, max_tokens=6, micro_batch_size=4,
+sampler = OnlineSampler(str(TEACHER_DIR), prompts, SamplingConfig(n=2, max_tokens=6), k=8, micro_batch_size=4,
                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=3)
 config = TrainConfig(loss="rkl_topk", steps=6, batch_size=8, micro_batch_size=4, save_every=2, log_every=1, lr=1e-3)
 train(str(STUDENT_BASE_DIR), None, config, Path(sys.argv[1]), batches=sampler, quiet=True, root=Path(sys.argv[2]))

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from lopd.rollout import SamplingConfig
 from lopd.train.data import Batch, collate
 
 
@@ -21,16 +22,19 @@ class OnlineSampler:
     `batches`. Its prompt order is its own RNG's, which `state_dict` exposes so a resumed run continues it (the
     sampling itself draws from torch's global RNG, which the trainer's checkpoints restore)."""
 
-    def __init__(self, teacher_dir: str, prompt_ids: list[list[int]], *, k: int, n: int, temperature: float,
-                 max_tokens: int, micro_batch_size: int, eos_id: int, pad_id: int, seed: int):
+    def __init__(self, teacher_dir: str, prompt_ids: list[list[int]], sampling: SamplingConfig, *, k: int,
+                 micro_batch_size: int, eos_id: int, pad_id: int, seed: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
         # a padded teacher's extra embedding rows stay out of the top-k, as in `lopd score` (lopd.score.padded_ids)
         self.defined = len(AutoTokenizer.from_pretrained(teacher_dir))
         self.prompt_ids = prompt_ids
-        self.k, self.n, self.temperature, self.max_tokens = k, n, temperature, max_tokens
-        self.prompts_per_batch = max(1, micro_batch_size // n)
+        if sampling.max_tokens is None:
+            raise ValueError("OnlineSampler needs an explicit max_tokens (SamplingConfig.within(context))")
+        self.k, self.n, self.temperature, self.top_p, self.max_tokens = (k, sampling.n, sampling.temperature,
+                                                                         sampling.top_p, sampling.max_tokens)
+        self.prompts_per_batch = max(1, micro_batch_size // self.n)
         self.eos_id, self.pad_id = eos_id, pad_id
         self.rng = random.Random(seed)
 
@@ -55,7 +59,7 @@ class OnlineSampler:
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
         attention = (torch.arange(width).unsqueeze(0) >= torch.tensor([width - len(p) for p in prompts]).unsqueeze(1)).long()
         out = student.generate(
-            input_ids=ids, attention_mask=attention, do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
+            input_ids=ids, attention_mask=attention, do_sample=True, temperature=self.temperature, top_k=0, top_p=self.top_p,
             max_new_tokens=self.max_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             output_logits=True, return_dict_in_generate=True,
         )
