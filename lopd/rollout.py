@@ -37,7 +37,7 @@ class SamplingConfig:
     max_tokens: int | None = None
     seed: int = 0
 
-    def within(self, context: int | None) -> "SamplingConfig":
+    def within(self, context: int | None) -> SamplingConfig:
         """This config with an unset `max_tokens` made explicit for an engine of `context` tokens (the longest
         response any prompt leaves room for), so a set's metadata and identity record the number used."""
         if self.max_tokens is not None or context is None:
