@@ -12,10 +12,17 @@ from lopd.errors import LopdError
 from lopd.limits import option_type
 from lopd.storage import resolve_root
 
-EXPERIMENT_OPTION = click.option("--experiment", envvar="LOPD_EXPERIMENT", default="default", show_default=True,
-                                 help="Experiment name recorded in the cost ledger ($LOPD_EXPERIMENT).")
+
+def experiment_option(default: str | None = "default", shown: str | bool = True, note: str = ""):
+    """`--experiment`, the same on every command; `lopd train` defaults it per loss (`note` says so)."""
+    return click.option("--experiment", envvar="LOPD_EXPERIMENT", default=default, show_default=shown,
+                        help=f"Experiment name recorded in the cost ledger ($LOPD_EXPERIMENT).{note}")
+
+
+EXPERIMENT_OPTION = experiment_option()
 ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False), default=None,
-                           help="Storage root (default: $LOPD_ROOT, else storage/ of the checkout).")
+                           help="Storage root (default: $LOPD_ROOT, else storage/ of a source checkout, else "
+                                "$XDG_CACHE_HOME/lopd, i.e. ~/.cache/lopd).")
 ENGINE_ARG_OPTION = click.option(
     "--engine-arg", "engine_arg_items", multiple=True, metavar="KEY=VALUE",
     help="vLLM engine option (repeatable), typed by vLLM's EngineArgs: tensor_parallel_size=4, max_model_len=32768, "
@@ -135,14 +142,14 @@ def prompt_options(command):
 
 
 def find_artifact(ref: str, root: Path, kind: str) -> Path:
-    """A path, or an id under <root>/<kind>/."""
-    path = Path(ref)
-    if path.exists():
-        return path
-    candidate = root / kind / ref
-    if candidate.exists():
-        return candidate
-    raise LopdError(f"{ref} is neither a path nor a known {kind[:-1]} id under {root / kind}")
+    """A score set (`kind` "scores") or rollout set ("rollouts") by path, id or unique id prefix: the resolver
+    `lopd cache show` uses (lopd.storage.find_artifact)."""
+    from lopd.cache.score_set import MANIFEST
+    from lopd.rollout_set import META
+    from lopd.storage import find_artifact as find
+
+    marker, noun = {"scores": (MANIFEST, "score set"), "rollouts": (META, "rollout set")}[kind]
+    return find(root / kind, ref, marker, noun)
 
 
 class Lopd(click.Group):
@@ -170,7 +177,28 @@ class Lopd(click.Group):
             sys.exit(exc.exit_code)
 
 
+def package_version() -> str:
+    """lopd's version from its installed package metadata, else `lopd.__version__` where a checkout defines one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lopd")
+    except PackageNotFoundError:
+        import lopd
+
+        return getattr(lopd, "__version__", "unknown (not installed: pip install -e .)")
+
+
+def print_version(ctx: click.Context, _param, value: bool) -> None:
+    """`lopd --version`, read only when asked (package metadata takes tens of ms: `lopd --help` stays fast)."""
+    if value and not ctx.resilient_parsing:
+        click.echo(f"lopd {package_version()}")
+        ctx.exit()
+
+
 @click.group(cls=Lopd, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=print_version,
+              help="Print the lopd version and exit.")
 def main() -> None:
     """lopd: offline on-policy distillation with a durable, shareable teacher cache."""
 
@@ -270,7 +298,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
               help="Score set of the same rollouts under the incorrect-hint context (RLCSD's contrast: rlcsd).")
 @train_config_options
 @ENGINE_ARG_OPTION
-@EXPERIMENT_OPTION
+@experiment_option(None, "default-<loss>", " Named per loss by default, so that `lopd cost` shows each loss apart.")
 @ROOT_OPTION
 def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, teacher, base_ref, contrast_ref,
           engine_arg_items, experiment, root, **options):
@@ -282,6 +310,7 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
 
     root = resolve_root(root)
     get_loss(loss)
+    experiment = experiment or f"default-{loss}"
     engine_args = parse_engine_args(engine_arg_items)
     if engine_args and not refresh_args:
         raise LopdError("--engine-arg applies to the engines a cache refresh runs; it needs --refresh (training "

@@ -58,6 +58,7 @@ def load_prompts(source: str | Path, prompt_field: str = "prompt",
     name, reader = (text, _read_hub(text)) if text.startswith(HUB_PREFIX) else _read_path(Path(source))
     records = list(reader)
     rows = [_normalise(name, where, record, prompt_field, answer_field) for where, record in records]
+    _refuse_duplicate_ids(rows)
     if not rows:
         raise LopdError(f"prompts {name} holds no prompts; pass a file with at least one {prompt_field!r} record")
     if answer_field != DEFAULT_ANSWER_FIELD and all(answer_field not in record for _, record in records):
@@ -161,12 +162,36 @@ def _with_default_id(record: Any, default: str) -> Any:
 
 
 def _normalise(name: str, where: str, record: Any, prompt_field: str, answer_field: str) -> dict[str, Any]:
-    if not isinstance(record, dict) or not isinstance(record.get(prompt_field), str):
+    if isinstance(record, dict) and prompt_field in record and not isinstance(record[prompt_field], str):
+        value = record[prompt_field]
+        raise LopdError(f"prompts {name} {where}: field {prompt_field!r} is {_kind(value)}, {value!r}, not text; "
+                        f"write the prompt as a string (e.g. \"{value}\") or pass --prompt-field to name the field "
+                        "that holds the prompt text")
+    if not isinstance(record, dict) or prompt_field not in record:
         fields = _fields(record) if isinstance(record, dict) else "none"
         raise LopdError(f"prompts {name} {where} has no string field {prompt_field!r} (fields: {fields}); "
                         f"pass --prompt-field to name the field that holds the prompt")
     return dict(record, id=str(record["id"]), prompt=record[prompt_field], answer=record.get(answer_field),
                 _where=f"{name} {where}")
+
+
+def _kind(value: Any) -> str:
+    """A non-text value as an error names it: "a number (int)", "null", "a list"."""
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"a number ({type(value).__name__})"
+    return f"a {type(value).__name__}"
+
+
+def _refuse_duplicate_ids(rows: list[dict[str, Any]]) -> None:
+    """Prompt ids key rollout rows (and their rewards and groups), so two prompts with one id would be confused."""
+    first: dict[str, str] = {}
+    for row in rows:
+        if row["id"] in first:
+            raise LopdError(f"prompt id {row['id']!r} appears twice: {first[row['id']]} and {row['_where']}; "
+                            "give every prompt its own id (or leave out `id` to number prompts by position)")
+        first[row["id"]] = row["_where"]
 
 
 def _fields(record: dict[str, Any]) -> str:

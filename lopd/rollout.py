@@ -20,7 +20,7 @@ from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerpri
 from lopd.lineage import read_lineage
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.rollout_set import RolloutSet, rollouts_dir, write_rollout_set
-from lopd.verifier import load_judge, load_verifier
+from lopd.verifier import absolute_spec, load_judge, load_verifier
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ def rollout(
     """
     prompt_format.validate()
     model = resolve_model(model)
+    verifier, judge, tool = absolute_spec(verifier), absolute_spec(judge), absolute_spec(tool)
     engine_args = dict(engine_args or {})
     rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
     env = load_environment(tool)

@@ -68,6 +68,11 @@ class ScoreResult:
     teacher_seconds: float
     positions: int
     repaired: dict[str, str] = field(default_factory=dict)  # shard -> why it was rescored (missing, corrupt)
+    # Whether the set is whole now; a `--shard i/N` worker can finish its shards while others are still missing.
+    complete: bool = True
+    shards_written: int = 0
+    shards_total: int = 0
+    shard_of: tuple[int, int] = (0, 1)
 
 
 def check_same_vocabulary(teacher_tokenizer, rollouts: RolloutSet) -> None:
@@ -188,6 +193,8 @@ def score(
     if not manifest.get("complete") and shard_of == (0, 1):
         raise LopdError(f"score set {set_id} is still incomplete after scoring; rerun the same command")
     result.repaired = damaged
+    result.complete, result.shard_of = bool(manifest.get("complete")), shard_of
+    result.shards_written, result.shards_total = len(manifest["shards"]), len(writer.plan(len(rollouts)))
     return result
 
 

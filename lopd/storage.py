@@ -1,23 +1,34 @@
 """Where lopd keeps rollouts, score sets, checkpoints and run records (see storage/README.md)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
+from lopd.errors import LopdError
+
 ENV_ROOT = "LOPD_ROOT"
-CHECKOUT_ROOT = Path(__file__).resolve().parent.parent / "storage"
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
 def default_root() -> Path:
-    """`$LOPD_ROOT`, else `storage/` of the checkout lopd runs from, else `./storage`."""
+    """The storage root when no `--root` is given (`--root` always wins):
+
+    1. `$LOPD_ROOT`, when set;
+    2. `storage/` of the source checkout lopd runs from (a checkout: `pyproject.toml` beside the `lopd` package,
+       as in a clone or an editable install), so the demo and the tests keep their artifacts in the repository;
+    3. `$XDG_CACHE_HOME/lopd` (default `~/.cache/lopd`) for an installed package: never inside site-packages,
+       and the same place whatever the current directory.
+    """
     if os.environ.get(ENV_ROOT):
         return Path(os.environ[ENV_ROOT]).expanduser()
-    if CHECKOUT_ROOT.is_dir():
-        return CHECKOUT_ROOT
-    return Path.cwd() / "storage"
+    if (PACKAGE_PARENT / "pyproject.toml").is_file():
+        return PACKAGE_PARENT / "storage"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "lopd"
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -26,14 +37,39 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return path
 
 
+def find_artifact(directory: Path, ref: str, marker: str, noun: str) -> Path:
+    """An artifact by path (a directory holding `marker`), by full id, or by unique id prefix under `directory`:
+    the one resolver behind every command that takes a rollout or score set, so ids work the same everywhere."""
+    for exact in (Path(ref), directory / ref):  # a full id wins even when it is also a prefix of another id
+        if ref and (exact / marker).is_file():
+            return exact
+    is_id = bool(ref) and Path(ref).name == ref  # no directory part: an id or id prefix
+    matches = sorted(p.parent for p in directory.glob(f"{glob.escape(ref)}*/{marker}")) if is_id else []
+    if len(matches) > 1:
+        raise LopdError(f"{noun} id prefix {ref!r} is ambiguous under {directory}: it matches "
+                        f"{', '.join(p.name for p in matches)}; give more of the id")
+    if matches:
+        return matches[0]
+    if Path(ref).exists():
+        raise LopdError(f"{ref} is not a {noun} (it holds no {marker}); pass a {noun} directory or id")
+    raise LopdError(f"no {noun} matches {ref!r} under {directory}; pass a {noun} directory, id or unique id prefix")
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write-then-rename, so readers never see a half-written file."""
+    """Write-then-rename, so readers never see a half-written file. The temporary file is created like any
+    open() would (mode 0666 less the umask, typically 0644), not mkstemp's 0600, so others sharing the storage
+    root can read what lopd writes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path) -> Any:

@@ -45,7 +45,11 @@ def world(tmp_path: Path) -> dict[str, str]:
     bad_top_p = tmp_path / "bad_top_p.toml"
     bad_top_p.write_text(head + '[[stages]]\nid = "r"\nrun = "rollout"\nmodel = "teacher"\nprompts = "p"\n'
                                 'top_p = 1.5\n')
+    foreign = tmp_path / "notes"  # an unrelated non-empty directory
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine\n")
     return {"root": str(root), "rollouts": str(rollouts.path), "prompts": str(prompts), "out": str(tmp_path / "out"),
+            "foreign": str(foreign),
             "teacher": str(TEACHER_DIR), "student": model, "bad_shards": str(bad_shards),
             "no_verifier": str(no_verifier), "bad_top_p": str(bad_top_p)}
 
@@ -85,6 +89,8 @@ CASES = {
     "pipeline eval without verifier": (["run", "{no_verifier}"], ["stage 'e'", "verifier"]),
     # issue 15 item 4: repair names what it cannot find
     "cache repair of an unknown set": (["cache", "repair", "s-nope"], ["no score set matches 's-nope'"]),
+    # --out an unrelated non-empty directory: refused before a lock file is made in it
+    "score --out a non-empty directory": (SCORE[:-1] + ["{foreign}"], ["is not empty and holds no score set"]),
 }
 
 

@@ -399,3 +399,108 @@ def test_cache_verify_names_the_repair_command(score_set):
     result = CliRunner().invoke(main, ["cache", "verify", str(score_set), "--root", str(score_set.parent.parent)])
     assert result.exit_code == 1
     assert "shard 00001: missing" in result.stdout and f"lopd cache repair {score_set}" in result.stderr
+
+
+def test_foreign_output_directory_is_refused_before_any_lock(tmp_path):
+    """Before: the refusal came after the manifest lock, leaving locks/manifest.lock in the user's directory."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("mine\n")
+    with pytest.raises(LopdError, match="is not empty and holds no score set"):
+        ScoreSetWriter(out, {"id": "s-one"}, 4)
+    assert [p.name for p in out.iterdir()] == ["todo.txt"]
+    leftovers = tmp_path / "crashed"  # what a writer killed before its manifest leaves is not foreign
+    (leftovers / "locks").mkdir(parents=True)
+    (leftovers / ".manifest.json.0a1b2c").write_text("")
+    ScoreSetWriter(leftovers, {"id": "s-one"}, 4)
+
+
+class Reached(LopdError):
+    """Raised by a stand-in for a stage function: the command got that far, with these inputs."""
+
+
+def stop_at(monkeypatch, module, name: str, describe) -> None:
+    def fake(*args, **kwargs):
+        raise Reached(f"reached {name} with {describe(*args, **kwargs)}")
+    monkeypatch.setattr(module, name, fake)
+
+
+@pytest.mark.parametrize("command,expected", [
+    (["train", "--student", "{student}", "--cache", "s-syn", "--out", "{out}"], "source=s-synthetic"),
+    (["train", "--student", "{student}", "--rollouts", "r-syn", "--loss", "sft", "--out", "{out}"],
+     "source=r-synthetic"),
+    (["train", "--student", "{student}", "--cache", "s-synthetic", "--base", "s-syn", "--contrast", "s-synth",
+      "--out", "{out}"], "attached=base_logprobs:s-synthetic,contrast_logprobs:s-synthetic"),
+    (["score", "--teacher", "{teacher}", "--rollouts", "r-syn"], "rollouts=r-synthetic"),
+    (["diagnose", "alignment", "--cache", "s-syn", "--student", "{student}"], "cache=s-synthetic"),
+])
+def test_every_command_takes_an_id_prefix_as_cache_show_does(score_set, tmp_path, monkeypatch, command, expected):
+    """Before: `lopd cache show s-syn` found the set but `lopd train --cache s-syn` (and --rollouts, --base,
+    --contrast, `lopd score --rollouts`, `lopd diagnose alignment --cache`) wanted the whole id or a path."""
+    from click.testing import CliRunner
+
+    import lopd.alignment
+    import lopd.score
+    import lopd.train.trainer
+    from lopd.cli import main
+
+    stop_at(monkeypatch, lopd.train.trainer, "train", lambda student, source, *a, attached, **k: (
+        f"source={source.id} attached=" + ",".join(f"{f}:{c.id}" for f, c in attached.items())))
+    stop_at(monkeypatch, lopd.score, "score", lambda teacher, rollouts, *a, **k: f"rollouts={rollouts.id}")
+    stop_at(monkeypatch, lopd.alignment, "diagnose_alignment", lambda student, cache, **k: f"cache={cache.id}")
+    args = [a.format(student=STUDENT_BASE_DIR, teacher=TEACHER_DIR, out=tmp_path / "ck") for a in command]
+    result = CliRunner().invoke(main, [*args, "--root", str(tmp_path)])
+    assert result.stderr.startswith("error: reached ") and expected in result.stderr, result.output
+    shown = CliRunner().invoke(main, ["cache", "show", "s-syn", "--root", str(tmp_path)])
+    assert json.loads(shown.stdout)["id"] == "s-synthetic"
+
+
+@pytest.mark.parametrize("command", [
+    ["cache", "show", "s-syn"],
+    ["train", "--student", str(STUDENT_BASE_DIR), "--cache", "s-syn", "--out", "ck"],
+])
+def test_an_ambiguous_prefix_is_one_line_listing_the_matches(score_set, tmp_path, command):
+    from click.testing import CliRunner
+
+    from lopd.cli import main
+
+    shutil.copytree(score_set, tmp_path / "scores" / "s-synthetic-b")
+    result = CliRunner().invoke(main, [*command, "--root", str(tmp_path)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "score set id prefix 's-syn' is ambiguous" in lines[0] and "s-synthetic, s-synthetic-b" in lines[0]
+    exact = CliRunner().invoke(main, ["cache", "show", "s-synthetic", "--root", str(tmp_path)])
+    assert json.loads(exact.stdout)["id"] == "s-synthetic"  # a full id is never ambiguous
+
+
+def test_shard_worker_says_the_set_is_incomplete(rollout_set, tmp_path, monkeypatch):
+    """Before: `lopd score --shard 0/2` exited 0 printing the same JSON as a finished set. Now a line on stderr
+    names the shards written and the workers still to run, and the JSON says complete: false. Engine-free: the
+    engine and the per-shard scoring are stand-ins; the writer, manifest and report are the real ones."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    import lopd.score
+    from lopd.cli import main
+
+    @contextmanager
+    def engine(llm, model, **kwargs):
+        yield SimpleNamespace(llm_engine=SimpleNamespace(model_config=SimpleNamespace(max_logprobs=64)))
+
+    rng = np.random.default_rng(4)
+    monkeypatch.setattr(lopd.score, "running_engine", engine)
+    monkeypatch.setattr(lopd.score, "score_rows", lambda engine, rollouts, plan, config, *a, **k: synthetic_shard(
+        rollouts, plan.start, plan.stop, config.k, rng))
+    base = ["score", "--teacher", str(TEACHER_DIR), "--rollouts", "r-synthetic", "--k", "4", "--rows-per-shard", "4",
+            "--root", str(tmp_path)]
+    first = CliRunner().invoke(main, [*base, "--shard", "0/2"])
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    assert report["complete"] is False
+    assert first.stderr.strip().splitlines()[-1] == (f"shard 0/2 done; 2 of 3 shards written; run the other shards (--shard 1/2) "
+                                    f"to complete {report['score_set']}")
+    second = CliRunner().invoke(main, [*base, "--shard", "1/2"])
+    assert second.exit_code == 0 and json.loads(second.stdout)["complete"] is True and "done;" not in second.stderr
+    assert len(open_cache(report["path"])) == 10

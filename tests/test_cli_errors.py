@@ -96,3 +96,50 @@ def test_loss_needing_a_missing_field(tmp_path, rollout_set):
     result = lopd("train", "--student", str(STUDENT_BASE_DIR), "--rollouts", str(rollout_set.path), "--loss", "rkl_topk",
                   "--out", str(tmp_path / "ck"), root=tmp_path / "root")
     assert_one_line_error(result, "needs 'topk'", "lopd score")
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    from click.testing import CliRunner
+
+    from lopd.cli import main
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output == f"lopd {version('lopd')}\n"
+
+
+VERIFIER_FILE = "def verify(prompt, response):\n    return float(response.strip() == prompt['answer'])\nNOT_CALLABLE = 3\n"
+
+
+def test_verifier_from_a_file_relative_to_the_current_directory(tmp_path, monkeypatch):
+    """Before: only `module:function`, so a verifier in a local file needed PYTHONPATH."""
+    from lopd.verifier import absolute_spec, load_plugin, load_verifier
+
+    (tmp_path / "checks").mkdir()
+    (tmp_path / "checks" / "my_verifier.py").write_text(VERIFIER_FILE)
+    monkeypatch.chdir(tmp_path)
+    verify = load_verifier("checks/my_verifier.py:verify")
+    assert verify({"answer": "c"}, " c") == 1.0 and verify({"answer": "c"}, "d") == 0.0
+    assert load_verifier(f"{tmp_path}/checks/my_verifier.py:verify") is verify  # one module per file
+    assert absolute_spec("checks/my_verifier.py:verify") == f"{tmp_path}/checks/my_verifier.py:verify"
+    assert absolute_spec("lopd.toy.words:verify") == "lopd.toy.words:verify"
+    assert load_plugin("checks/my_verifier.py:NOT_CALLABLE", must_be_callable=False) == 3
+
+
+@pytest.mark.parametrize("spec,needles", [
+    ("checks/nope.py:verify", ["cannot load verifier 'checks/nope.py:verify'", "no file", "current directory"]),
+    ("checks/my_verifier.py:score", ["cannot load verifier", "has no attribute 'score'"]),
+    ("checks/my_verifier.py:NOT_CALLABLE", ["is not callable"]),
+    ("checks/my_verifier.py", ["path/to/file.py:function"]),
+    ("lopd.toy.words:nope", ["cannot load verifier", "has no attribute 'nope'"]),
+])
+def test_bad_verifier_file_is_one_line_before_any_engine(tmp_path, monkeypatch, spec, needles):
+    (tmp_path / "checks").mkdir()
+    (tmp_path / "checks" / "my_verifier.py").write_text(VERIFIER_FILE)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "ab=", "answer": "c"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    result = lopd("eval", "--model", str(TEACHER_DIR), "--prompts", str(prompts), "--verifier", spec,
+                  root=tmp_path / "root")
+    assert_one_line_error(result, *needles)

@@ -236,3 +236,43 @@ def test_plot_and_report_files(example_root: Path, tmp_path: Path):
     assert "![" in page and "(report.png)" in page and (out.parent / "report.png").stat().st_size > 1000
     assert "| S | score | A |" in page  # S reused by three experiments
     assert "lightning" in page and "0.85" in page
+
+
+def test_train_runs_of_two_losses_under_the_default_experiment_cost_apart(tmp_path: Path, monkeypatch):
+    """Before: `lopd train` recorded every run under experiment "default", so two losses trained without
+    --experiment merged into one "lightning+rkl_topk" row of `lopd cost`. Now the default is named per loss.
+    The trainer is a stand-in that records its ledger row as the real one does (experiment, stage, method)."""
+    from transformers import AutoTokenizer
+
+    import lopd.train.trainer
+    from lopd.cli import main
+    from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
+    from lopd.rollout_set import write_rollout_set
+    from lopd.toy import STUDENT_BASE_DIR
+
+    def fake_train(student, source, config, out_dir, *, root, experiment, **kwargs):
+        with record_stage(root, experiment=experiment, stage="train", method=config.loss, artifact=str(out_dir),
+                          inputs=[source.id]) as rec:
+            rec.device_kind, rec.device_count = "cpu", 1
+        raise LopdError("trained")  # the stand-in has no checkpoint to report
+
+    monkeypatch.delenv("LOPD_EXPERIMENT", raising=False)
+    monkeypatch.setattr(lopd.train.trainer, "train", fake_train)
+    model = str(STUDENT_BASE_DIR)
+    meta = {"id": "r-one", "model": model, "model_fingerprint": model_fingerprint(model),
+            "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(model))}
+    records = [{"prompt_id": "p0", "group_id": 0, "sample_index": 0, "prompt": "ab=", "answer": "c",
+                "prompt_ids": [1, 4, 5, 40], "response_ids": [6, 2], "behaviour_logprobs": [-1.0, -0.5],
+                "finish_reason": "stop", "reward": 1.0}]
+    write_rollout_set(tmp_path / "rollouts" / "r-one", records, meta)
+    for loss in ("lightning", "rkl_topk"):
+        result = CliRunner().invoke(main, ["train", "--student", model, "--rollouts", "r-one", "--loss", loss,
+                                           "--out", str(tmp_path / loss), "--root", str(tmp_path)])
+        assert "error: trained" in result.stderr, result.output
+    assert [(r["experiment"], r["method"]) for r in read_rows(tmp_path)] == [
+        ("default-lightning", "lightning"), ("default-rkl_topk", "rkl_topk")]
+    summary = json.loads(CliRunner().invoke(cost, ["--root", str(tmp_path), "--json"], catch_exceptions=False).output)
+    assert [r["method"] for r in summary["rows"]] == ["lightning", "rkl_topk"]
+    named = CliRunner().invoke(main, ["train", "--student", model, "--rollouts", "r-one", "--loss", "sft",
+                                      "--experiment", "mine", "--out", str(tmp_path / "sft"), "--root", str(tmp_path)])
+    assert "error: trained" in named.stderr and read_rows(tmp_path)[-1]["experiment"] == "mine"

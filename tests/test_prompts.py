@@ -90,6 +90,37 @@ def test_csv_cells_stay_text(tmp_path):
     assert load_prompts(write_source("csv", tmp_path, RECORDS), "question", "solution")[0]["answer"] == "007"
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_duplicate_prompt_ids_are_refused_naming_both_places(tmp_path, kind):
+    """Before: two prompts with one id were both rolled out under it; now the file is refused before any engine."""
+    records = [{"id": "q1", "prompt": "ab="}, {"id": "q2", "prompt": "cd="}, {"id": "q1", "prompt": "ef="}]
+    path = write_source(kind, tmp_path, records)
+    first, second = ("line 1", "line 3") if kind == "jsonl" else ("row 1", "row 3")
+    one_line_error(lambda: load_prompts(path), "prompt id 'q1' appears twice", f"{path} {first}", f"{path} {second}")
+
+
+def test_duplicate_ids_stop_rollout_before_the_engine(tmp_path):
+    from click.testing import CliRunner
+
+    from lopd.cli import main
+
+    path = write_source("jsonl", tmp_path, [{"id": 3, "prompt": "ab="}, {"id": "3", "prompt": "cd="}])
+    result = CliRunner().invoke(main, ["rollout", "--model", str(STUDENT_BASE_DIR), "--prompts", str(path),
+                                       "--root", str(tmp_path / "root")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: prompt id '3' appears twice"), result.output
+    assert not (tmp_path / "root" / "rollouts").exists()
+
+
+@pytest.mark.parametrize("value,kind", [(12, "a number (int)"), (1.5, "a number (float)"), (None, "null"),
+                                        (["ab="], "a list")])
+def test_a_prompt_that_is_not_text_says_what_it_is(tmp_path, value, kind):
+    """Before: {"prompt": 12} read "has no string field 'prompt' (fields: answer, prompt)", as if it were absent."""
+    path = write_source("jsonl", tmp_path, [{"prompt": value, "answer": "b"}])
+    message = one_line_error(lambda: load_prompts(path), f"line 1: field 'prompt' is {kind}", "not text",
+                             "write the prompt as a string", "--prompt-field")
+    assert "has no string field" not in message
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv", "datasets"])
 def test_missing_prompt_field_names_the_fields_and_the_option(tmp_path, kind):
     path = write_source(kind, tmp_path, RECORDS)

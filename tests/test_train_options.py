@@ -106,3 +106,25 @@ def test_precision_and_memory_options_train(options, tmp_path_factory, tmp_path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if options.get("lora_rank"):
         assert (result.checkpoint / "adapter_config.json").is_file() and result.model == result.checkpoint / "merged"
+
+
+def test_first_deepspeed_op_build_is_announced_before_it_starts(tmp_path, monkeypatch, capsys):
+    """Before: the first `lopd train` on a machine sat silent for minutes while DeepSpeed compiled its CPU
+    communication op (deepspeed_shm_comm, in init_distributed). Now one stderr line comes before the build,
+    and none once torch's extension directory holds it. Nothing is compiled here."""
+    from lopd.train import distributed
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # as distributed.prepare_environment sets it before the import
+    directory = distributed.op_build_directory()
+    if directory is None:
+        pytest.skip("this accelerator loads no shared-memory op (or DeepSpeed ships it prebuilt)")
+    assert directory == tmp_path / "deepspeed_shm_comm"
+    distributed.announce_op_build()
+    assert capsys.readouterr().err == (f"lopd: DeepSpeed is building its deepspeed_shm_comm op once, into {directory} "
+                                       "(a few minutes on a CPU; later runs reuse it) ...\n")
+    (directory / "deepspeed_shm_comm.so").write_bytes(b"")  # what the build leaves
+    assert distributed.op_build_directory() is None
+    distributed.announce_op_build()
+    assert capsys.readouterr().err == ""

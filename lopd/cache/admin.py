@@ -19,7 +19,7 @@ from lopd.cache.score_set import MANIFEST, damaged_shards, scores_dir
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
 from lopd.rollout_set import RolloutSet, rollouts_dir
-from lopd.storage import read_json
+from lopd.storage import find_artifact, read_json
 
 
 def usage(root: Path) -> dict[str, set[str]]:
@@ -54,13 +54,7 @@ def entries(root: Path) -> list[dict[str, Any]]:
 
 def find(root: Path, ref: str) -> Path:
     """A score set by path, full id, or unique id prefix."""
-    if (Path(ref) / MANIFEST).is_file():
-        return Path(ref)
-    matches = [p.parent for p in scores_dir(root).glob(f"{ref}*/{MANIFEST}")]
-    if len(matches) != 1:
-        raise LopdError(f"{'no' if not matches else 'more than one'} score set matches {ref!r} under {scores_dir(root)}; "
-                        "see `lopd cache ls`")
-    return matches[0]
+    return find_artifact(scores_dir(root), ref, MANIFEST, "score set")
 
 
 def verify(path: Path) -> list[str]:

@@ -21,14 +21,20 @@ def cache() -> None:
 
 
 def report_score(result) -> None:
-    """What `lopd score` and `lopd cache repair` print: a line on stderr for a hit or a repair, JSON on stdout."""
+    """What `lopd score` and `lopd cache repair` print: a line on stderr for a hit, a repair or a set that other
+    `--shard` workers still have to finish, JSON on stdout."""
+    if not result.complete:
+        worker, workers = result.shard_of
+        others = ", ".join(f"--shard {i}/{workers}" for i in range(workers) if i != worker)
+        click.echo(f"shard {worker}/{workers} done; {result.shards_written} of {result.shards_total} shards written; "
+                   f"run the other shards ({others}) to complete {result.id}", err=True)
     if result.reused:
         click.echo(f"cache hit: score set {result.id} already holds these scores; no teacher work done", err=True)
     if result.repaired:
         click.echo(f"repaired score set {result.id}: rescored shard "
                    + ", ".join(f"{name} ({why})" for name, why in result.repaired.items()), err=True)
     click.echo(json.dumps({"score_set": result.id, "path": str(result.path), "reused": result.reused,
-                           "repaired": sorted(result.repaired), "teacher_seconds": round(result.teacher_seconds, 2),
+                           "repaired": sorted(result.repaired), "complete": result.complete, "teacher_seconds": round(result.teacher_seconds, 2),
                            "positions": result.positions}, indent=1))
 
 

@@ -66,6 +66,17 @@ def _flock(path: Path, blocking: bool) -> Iterator[bool]:
         os.close(fd)
 
 
+def refuse_foreign(path: Path) -> None:
+    """Refuse a directory that holds no score set but other files. What writers themselves leave before the
+    manifest exists (locks, staging, the manifest's temporary file) is not foreign, so concurrent first writers
+    of one set never refuse each other."""
+    if not path.is_dir() or (path / MANIFEST).is_file():
+        return
+    ours = ("locks", ".staging")
+    if any(p.name not in ours and not p.name.startswith(f".{MANIFEST}.") for p in path.iterdir()):
+        raise LopdError(f"{path} is not empty and holds no score set; choose another --out")
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     index: int
@@ -83,6 +94,7 @@ class ScoreSetWriter:
     def __init__(self, path: Path, header: dict[str, Any], rows_per_shard: int):
         self.path = Path(path)
         self.rows_per_shard = rows_per_shard
+        refuse_foreign(self.path)  # before the first lock file: a refused directory is left as it was
         self.path.mkdir(parents=True, exist_ok=True)
         with self._manifest_lock():
             manifest_path = self.path / MANIFEST
@@ -95,9 +107,6 @@ class ScoreSetWriter:
                     )
                 self.rows_per_shard = existing["rows_per_shard"]
             else:
-                foreign = [p for p in self.path.iterdir() if p.name not in ("locks", ".staging")]
-                if foreign:
-                    raise LopdError(f"{self.path} is not empty and holds no score set; choose another --out")
                 write_json_atomic(
                     manifest_path,
                     dict(header, format_version=FORMAT_VERSION, rows_per_shard=rows_per_shard, shards={},

@@ -18,7 +18,8 @@ root_option = click.option(
     "--root",
     type=click.Path(file_okay=False),
     default=None,
-    help="Storage root holding ledger.sqlite (default: $LOPD_ROOT, else storage/ of the checkout).",
+    help="Storage root holding ledger.sqlite (default: $LOPD_ROOT, else storage/ of a source checkout, else "
+    "~/.cache/lopd).",
 )
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 
 def prepare_environment() -> None:
@@ -35,8 +37,39 @@ def init_process_group():
 
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        announce_op_build()
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return deepspeed
+
+
+def op_build_directory(class_name: str = "ShareMemCommBuilder") -> Path | None:
+    """Where DeepSpeed is about to compile the op `class_name` (its builder), or None when it will not: the
+    accelerator has no such op, it is incompatible here, DeepSpeed ships it prebuilt, or torch's extension
+    directory already holds the build. On the CPU accelerator `init_distributed` loads the shared-memory
+    communication op (deepspeed_shm_comm) this way, and its first build takes minutes. Mirrors
+    deepspeed.comm.torch.build_shm_op and OpBuilder.load; any API it cannot read counts as "no build"."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder(class_name)
+        if builder is None or installed_ops.get(builder.name) or not deepspeed.ops.__compatible_ops__.get(builder.NAME):
+            return None
+        directory = Path(_get_build_directory(builder.name, verbose=False))
+        return None if (directory / f"{builder.name}.so").is_file() else directory
+    except (ImportError, AttributeError):
+        return None
+
+
+def announce_op_build() -> None:
+    """One stderr line before a first op build, so minutes of silence do not look like a hang (local rank 0 says
+    it once per machine; the other ranks wait on torch's build lock)."""
+    directory = op_build_directory()
+    if directory is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"lopd: DeepSpeed is building its {directory.name} op once, into {directory} (a few minutes on a "
+              "CPU; later runs reuse it) ...", file=sys.stderr, flush=True)
 
 
 def rank() -> int:
