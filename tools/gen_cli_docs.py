@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import click
 
@@ -140,9 +140,9 @@ def cli_reference() -> str:
     from lopd.cli import main
 
     head = ["# Command reference", "",
-            "Generated from the click commands by `python tools/gen_cli_docs.py`; `tests/test_docs.py` fails when "
-            "this page is out of date. Every command also prints its help with `-h` / `--help`. An option without a "
-            "default shows `-`; a user error is one line on stderr and exit code 2.", "", ""]
+            ("Generated from the click commands by `python tools/gen_cli_docs.py`; `tests/test_docs.py` fails when "
+             "this page is out of date. Every command also prints its help with `-h` / `--help`. An option without a "
+             "default shows `-`; a user error is one line on stderr and exit code 2."), "", ""]
     sections = [command_section(("lopd", *path[1:]), command) for path, command in walk(main, ("lopd",))]
     return "\n".join(head) + "\n".join(sections).rstrip() + "\n"
 
