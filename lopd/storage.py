@@ -1,4 +1,4 @@
-"""Where lopd keeps rollouts, score sets, checkpoints and run records (see storage/README.md)."""
+"""Where lopd keeps rollouts, score sets, checkpoints and run records (see docs/cache-format.md)."""
 from __future__ import annotations
 
 import glob

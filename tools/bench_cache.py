@@ -438,7 +438,7 @@ def markdown(results: dict) -> str:
              summary_line(results["summary"]), "",
              "Layouts: `naive` float32 log-probs + int64 ids as raw .npy; `parquet` one row per sequence, list "
              "columns (`lopd cache export` schema), zstd; `lopd-plain` the logical arrays as-is (float16, narrowest "
-             "uint ids; the first version-1 writer); `lopd` the shipped encoding (storage/README.md); `lopd-f32` the "
+             "uint ids; the first version-1 writer); `lopd` the shipped encoding (docs/cache-format.md); `lopd-f32` the "
              "same with `--logprob-dtype float32`. Ids: `zipf` realistic (BPE-like id order), `zipf-shuffled` same "
              "draws with ids unrelated to frequency, `uniform` worst case. Write/decode rates of this table are "
              "single shards on a shared machine: indicative only.", "",

@@ -1,4 +1,4 @@
-"""The on-disk layout of one score-set shard (a Zarr v3 group) and its checksum. Spec: storage/README.md.
+"""The on-disk layout of one score-set shard (a Zarr v3 group) and its checksum. Spec: docs/cache-format.md.
 
 A shard holds the teacher signal for a contiguous range of rollout rows, flattened over response
 positions: `offsets[r]..offsets[r+1]` are row r's positions. Each array is written as one Zarr shard

@@ -1,6 +1,6 @@
 """Writing a score set crash-safely: per-shard staging, atomic rename, and a manifest that is the commit record.
 
-Protocol (see storage/README.md):
+Protocol (see docs/cache-format.md):
 1. The first writer creates `manifest.json` with the score set's identity and an empty shard table.
 2. A writer takes a shard by holding `locks/<shard>.lock` (flock, non-blocking): one writer per shard,
    so `--shard i/N` processes and accidental duplicates cooperate instead of corrupting each other.
