@@ -259,6 +259,7 @@ def test_train_with_aligned_token_filter_logs_kept_fraction(small_root, tmp_path
     assert result.final_metrics["filter_kept"] < 1.0 or result.final_metrics["filter_defined"] == 0.0
     lineage = json.loads((tmp_path / "ckpt" / "lopd_lineage.json").read_text())
     assert lineage["config"]["token_filter"] == "aligned"
+    assert lineage["teacher_consistency"]["override"] is True  # the guard's override stays on record
 
 
 @pytest.mark.slow

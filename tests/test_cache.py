@@ -294,7 +294,7 @@ def test_bytes_per_position_and_error_at_k32(tmp_path):
 def test_teacher_consistency_guard(score_set, tmp_path):
     """OPD from a cache scored by a teacher other than the one that wrote the student's SFT data is refused."""
     from lopd.lineage import write_lineage
-    from lopd.train.trainer import check_teacher_consistency
+    from lopd.train.trainer import check_teacher_consistency, teacher_consistency
 
     cache = open_cache(score_set)  # scored by teacher fingerprint "f"
     student = tmp_path / "student"
@@ -306,6 +306,8 @@ def test_teacher_consistency_guard(score_set, tmp_path):
     with pytest.raises(LopdError, match="teacher consistency .*--allow-teacher-mismatch"):
         check_teacher_consistency(str(student), cache, allow=False)
     check_teacher_consistency(str(student), cache, allow=True)
+    assert teacher_consistency(str(student), cache, allow=True) == {
+        "sft_data_model": "another-teacher", "scored_by": "f", "consistent": False, "override": True}
 
 
 def test_gc_removes_only_unreferenced_entries(score_set, rollout_set, tmp_path):

@@ -88,15 +88,24 @@ def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
     }
 
 
-def check_teacher_consistency(student: str, cache: ScoreCache, allow: bool) -> None:
-    """Lightning OPD is unbiased only if the teacher that scores is the one that wrote the student's SFT data."""
+def teacher_consistency(student: str, cache: ScoreCache, allow: bool) -> dict[str, Any]:
+    """Whether the cache's teacher wrote the student's SFT data (None: the student records no SFT data model),
+    and whether the user overrode the guard: the checkpoint's lineage keeps it, so an inconsistent run (e.g. a
+    teacher-consistency experiment) stays recognisable as one."""
     sft_teacher = read_lineage(student).get("sft_data_model")
     scorer = cache.manifest["teacher"]["fingerprint"]
-    if sft_teacher and sft_teacher != scorer and not allow:
+    return {"sft_data_model": sft_teacher, "scored_by": scorer,
+            "consistent": None if not sft_teacher else sft_teacher == scorer, "override": allow}
+
+
+def check_teacher_consistency(student: str, cache: ScoreCache, allow: bool) -> None:
+    """Lightning OPD is unbiased only if the teacher that scores is the one that wrote the student's SFT data."""
+    record = teacher_consistency(student, cache, allow)
+    if record["consistent"] is False and not allow:
         raise LopdError(
-            f"the cache's teacher ({scorer}) is not the model that produced this student's SFT data ({sft_teacher}); "
-            "offline OPD assumes teacher consistency (arXiv 2604.13010): score with the SFT teacher, "
-            "or pass --allow-teacher-mismatch"
+            f"the cache's teacher ({record['scored_by']}) is not the model that produced this student's SFT data "
+            f"({record['sft_data_model']}); offline OPD assumes teacher consistency (arXiv 2604.13010): score with "
+            "the SFT teacher, or pass --allow-teacher-mismatch"
         )
 
 
@@ -491,6 +500,7 @@ def save_checkpoint(engine, tokenizer, out_dir: Path, config: TrainConfig, stude
     }
     if isinstance(source, ScoreCache):
         lineage["trained_on"] = {"score_set": source.id, "rollout_set": source.rollouts.id}
+        lineage["teacher_consistency"] = teacher_consistency(student, source, config.allow_teacher_mismatch)
     elif isinstance(source, RolloutSet):
         lineage["trained_on"] = {"rollout_set": source.id}
         if config.loss == "sft":
