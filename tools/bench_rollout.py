@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_score import (REPO, build_large_model, finish_results, fmt, markdown_table,  # noqa: E402
-                         model_parameters, shutdown, start_results)
+                         model_parameters, start_results)
 
 
 def prompts_for(vocab: int, n: int, length: int, seed: int = 0, low: int = 4) -> list[list[int]]:
@@ -69,7 +69,7 @@ def transformers_generate(model_dir: str, prompts: list[list[int]], n: int, new_
 def vllm_runs(model_dir: str, prompts: list[list[int]], n: int, new_tokens: int, work: Path, kv_gib: int) -> dict:
     from vllm import SamplingParams
 
-    from lopd.engine import build_llm
+    from lopd.engine import build_llm, shutdown_llm
     from lopd.fingerprint import model_fingerprint
     from lopd.rollout import SamplingConfig, rollout, seeded
 
@@ -106,7 +106,7 @@ def vllm_runs(model_dir: str, prompts: list[list[int]], n: int, new_tokens: int,
         out["lopd_rollout"] = {"seconds": seconds, "tokens": int(sum(len(r) for r in rset.response_ids))}
         shutil.rmtree(target, ignore_errors=True)
     finally:
-        shutdown(llm)
+        shutdown_llm(llm)
         del llm
         gc.collect()
     return out

@@ -31,6 +31,8 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +157,27 @@ def random_rollout_set(path: Path, model: str, n: int, prompt_len: int, response
     return write_rollout_set(Path(path), rows, meta)
 
 
+@contextmanager
+def figure(target: Path, *, title: str, xlabel: str, ylabel: str) -> Iterator:
+    """A matplotlib axis (Agg backend, x on a log2 axis: the benchmarks sweep lengths in powers of two) whose figure,
+    titled, labelled and with a legend, is saved to `target` when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    yield ax
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -204,14 +227,6 @@ def vllm_env() -> dict:
     process, so on a 2-core machine the model runs on 1 OpenMP thread; VLLM_CPU_NUM_OF_RESERVED_CPU=0 gives it both."""
     return {k: os.environ.get(k) for k in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND",
                                            "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS")}
-
-
-def shutdown(llm) -> None:
-    """Stop the engine core and its worker now (a deleted LLM's worker can otherwise linger, polling)."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
 
 
 class TimedEngine:
@@ -288,7 +303,7 @@ def transformers_scoring(model_dir: str, rollouts, ks: list[int], budget: int) -
 def lopd_scoring(model_dir: str, rollouts, ks: list[int], work: Path, kv_gib: int, budget: int) -> dict:
     import lopd.score as score_mod
     from lopd.cache import open_cache
-    from lopd.engine import build_llm
+    from lopd.engine import build_llm, shutdown_llm
     from lopd.fingerprint import model_fingerprint
     from vllm import SamplingParams
 
@@ -332,7 +347,7 @@ def lopd_scoring(model_dir: str, rollouts, ks: list[int], work: Path, kv_gib: in
             shutil.rmtree(out, ignore_errors=True)
     finally:
         score_mod.unpack_prompt_logprobs = original_unpack
-        shutdown(llm)
+        shutdown_llm(llm)
         del llm
         gc.collect()
     return {"startup_seconds": startup, "per_k": per_k}

@@ -34,7 +34,7 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
-from bench_score import finish_results, markdown_table, start_results  # noqa: E402
+from bench_score import figure, finish_results, markdown_table, start_results  # noqa: E402
 from real_scale import QWEN3_VOCAB, build_qwen3, synthetic_rollout_set  # noqa: E402
 
 TOKENS = (1024, 4096, 16384)
@@ -112,31 +112,21 @@ def measure(cmd: list[str], env: dict, interval: float) -> dict:
 
 
 def plot(cells: list[dict], target: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, filt in (("default (4,096-token chunk)", lambda c: not c["engine_args"]),
-                        (" ".join(next((c["engine_args"] for c in cells if c["engine_args"]), [])),
-                         lambda c: c["engine_args"])):
-        points = sorted((c["tokens"], c) for c in cells if filt(c) and "error" not in c)
-        if not points:
-            continue
-        xs = [t for t, _ in points]
-        ax.plot(xs, [c["tree_peak_gib"] for _, c in points], "-o", label=f"tree peak, {label}")
-        ax.plot(xs, [c["sum_of_process_peaks_gib"] for _, c in points], "--s",
-                label=f"sum of process peaks, {label}")
-        ax.plot(xs, [c["process_peaks_gib"].get("worker", 0) for _, c in points], ":^", label=f"worker peak, {label}")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("response tokens per rollout")
-    ax.set_ylabel("peak RSS (GiB)")
-    ax.set_title("`lopd score --k 32` at vocabulary 151,936")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(target, dpi=120)
+    with figure(target, title="`lopd score --k 32` at vocabulary 151,936", xlabel="response tokens per rollout",
+                ylabel="peak RSS (GiB)") as ax:
+        for label, filt in (("default (4,096-token chunk)", lambda c: not c["engine_args"]),
+                            (" ".join(next((c["engine_args"] for c in cells if c["engine_args"]), [])),
+                             lambda c: c["engine_args"])):
+            points = sorted((c["tokens"], c) for c in cells if filt(c) and "error" not in c)
+            if not points:
+                continue
+            xs = [t for t, _ in points]
+            ax.plot(xs, [c["tree_peak_gib"] for _, c in points], "-o", label=f"tree peak, {label}")
+            ax.plot(xs, [c["sum_of_process_peaks_gib"] for _, c in points], "--s",
+                    label=f"sum of process peaks, {label}")
+            ax.plot(xs, [c["process_peaks_gib"].get("worker", 0) for _, c in points], ":^",
+                    label=f"worker peak, {label}")
+        ax.set_ylim(bottom=0)
 
 
 def main() -> None:

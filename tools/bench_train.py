@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_score import (REPO, build_large_model, finish_results, fmt, markdown_table,  # noqa: E402
-                         model_parameters, random_rollout_set, shutdown, start_results)
+                         model_parameters, random_rollout_set, start_results)
 
 LOSSES = ["sft", "lightning", "rkl_topk", "gkd", "fkl_topk_tail"]
 
@@ -58,7 +58,7 @@ class TimedStream:
 
 def make_cache(model_dir: str, work: Path, rows: int, prompt_len: int, response_len: int, k: int) -> tuple[Path, dict]:
     from lopd.cache import open_cache
-    from lopd.engine import build_llm
+    from lopd.engine import build_llm, shutdown_llm
     from lopd.score import ScoreConfig, score
 
     rollouts = random_rollout_set(work / f"train-rollouts-{Path(model_dir).name}-{rows}x{prompt_len}+{response_len}",
@@ -73,7 +73,7 @@ def make_cache(model_dir: str, work: Path, rows: int, prompt_len: int, response_
     start = time.perf_counter()
     result = score(model_dir, rollouts, ScoreConfig(k=k), root=work / "root", out=out, llm=llm, quiet=True)
     seconds = time.perf_counter() - start
-    shutdown(llm)
+    shutdown_llm(llm)
     del llm
     import gc
 

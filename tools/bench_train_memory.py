@@ -34,7 +34,7 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
-from bench_score import finish_results, markdown_table, start_results  # noqa: E402
+from bench_score import figure, finish_results, markdown_table, start_results  # noqa: E402
 from real_scale import QWEN3_VOCAB, build_qwen3, synthetic_score_set  # noqa: E402
 
 LOSSES = ("lightning", "rkl_topk", "gkd")
@@ -147,28 +147,18 @@ def run_cli(model_dir: Path, cache: Path, work: Path, tokens: int) -> dict:
 
 
 def plot(cells: list[dict], target: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for loss in LOSSES:
-        for path, style in (("chunked", "-o"), ("full", "--s")):
-            points = sorted((c["tokens"], c["loss_side_gib"]) for c in cells
-                            if c.get("loss") == loss and c.get("path") == path and "loss_side_gib" in c)
-            if points:
-                ax.plot(*zip(*points), style, label=f"{loss} ({path})")
-    xs = sorted({c["tokens"] for c in cells if "tokens" in c})
-    ax.plot(xs, [full_path_gib(x) for x in xs], ":", color="grey", label=f"full path, analytical ({FULL_COPIES} x T x V x 4 B)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("response tokens in the micro-batch")
-    ax.set_ylabel("loss-side peak memory (GiB)")
-    ax.set_title("One training step at vocabulary 151,936")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(target, dpi=120)
+    with figure(target, title="One training step at vocabulary 151,936", xlabel="response tokens in the micro-batch",
+                ylabel="loss-side peak memory (GiB)") as ax:
+        for loss in LOSSES:
+            for path, style in (("chunked", "-o"), ("full", "--s")):
+                points = sorted((c["tokens"], c["loss_side_gib"]) for c in cells
+                                if c.get("loss") == loss and c.get("path") == path and "loss_side_gib" in c)
+                if points:
+                    ax.plot(*zip(*points), style, label=f"{loss} ({path})")
+        xs = sorted({c["tokens"] for c in cells if "tokens" in c})
+        ax.plot(xs, [full_path_gib(x) for x in xs], ":", color="grey",
+                label=f"full path, analytical ({FULL_COPIES} x T x V x 4 B)")
+        ax.set_yscale("log")
 
 
 def main() -> None:

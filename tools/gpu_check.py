@@ -45,7 +45,7 @@ def rollout_rates(model: Path, prompts: int, prompt_tokens: int, new_tokens: int
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
-    from lopd.engine import build_llm
+    from lopd.engine import build_llm, shutdown_llm
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 150_000, (prompts, prompt_tokens), generator=g)
@@ -54,7 +54,7 @@ def rollout_rates(model: Path, prompts: int, prompt_tokens: int, new_tokens: int
     outputs, vllm_s = timed(lambda: llm.generate([{"prompt_token_ids": row.tolist()} for row in ids], params,
                                                  use_tqdm=False))
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    shutdown(llm)
+    shutdown_llm(llm)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
     with torch.no_grad():
@@ -103,13 +103,6 @@ def scoring_rates(teacher: Path, student: Path, work: Path, rows: int, response_
         out["transformers_positions_per_s"] = positions / hf_s
         out["speedup"] = out["lopd_positions_per_s"] / out["transformers_positions_per_s"]
     return out
-
-
-def shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
 
 
 def main() -> None:
