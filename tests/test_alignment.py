@@ -238,7 +238,7 @@ def test_one_line_errors(tmp_path, small_root):
 
 
 def test_pipeline_train_stage_accepts_token_filter():
-    from lopd.pipeline_stages import pick
+    from lopd.pipeline.stages import pick
     from lopd.train.trainer import TrainConfig
 
     config = pick(TrainConfig, {"loss": "rkl_topk", "token_filter": "aligned", "token_filter_signal": "lightning"})

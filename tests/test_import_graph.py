@@ -15,8 +15,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "lopd"
 
 
@@ -124,7 +122,6 @@ def test_graph_counts_function_level_and_relative_imports(tmp_path, monkeypatch)
     assert cycles(graph) == [["lopd.a", "lopd.b", "lopd.sub.c"]]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: circles being broken on this branch")
 def test_lopd_has_no_import_circles():
     found = cycles(import_graph())
     assert not found, "import circles in lopd (break each by moving the shared piece to the lower module):\n" + "\n".join(

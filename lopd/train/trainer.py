@@ -33,7 +33,7 @@ from lopd.lineage import read_lineage, write_lineage
 from lopd.losses import get_loss
 from lopd.losses.base import LossInputs, LossSpec
 from lopd.losses.student import StudentLogprobs, StudentRequest
-from lopd.refresh import Refresher, RefreshContext
+from lopd.train.refresh import Refresher, RefreshContext
 from lopd.rollout_set import RolloutSet
 from lopd.train import distributed
 from lopd.train.checkpoint import (Attempt, Checkpoints, loop_state, restore_loop_state, restore_rng, run_identity,
@@ -210,7 +210,7 @@ def train(
     """Train `student` on `source`, or on `batches(model)` from a live sampler, and save a HF checkpoint to `out_dir`.
 
     With `config.refresh` thresholds (and a `refresh_context` naming the teacher and engines), stale cache shards
-    are re-rolled and re-scored during training (lopd.refresh). `attached` maps LossInputs fields to further score
+    are re-rolled and re-scored during training (lopd.train.refresh). `attached` maps LossInputs fields to further score
     sets over the same rollouts (lopd.train.data.ATTACHABLE: G-OPD's base model, RLCSD's contrast).
     A run whose `out_dir` holds a resumable checkpoint of the same run continues from it (lopd.train.checkpoint);
     one of another run is refused, or deleted with `restart_on_change`; `run_key` adds to what "the same run" means
