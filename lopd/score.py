@@ -20,12 +20,13 @@ from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
 from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, damaged_shards, scores_dir
 from lopd.contexts import expand_context, teacher_prompts
 from lopd.cost.ledger import record_stage
-from lopd.engine import (SCORING_BATCHED_TOKENS, check_k, engine_context, model_config,
-                         numeric_engine_args, resolve_model, running_context, running_engine, vocab_size)
+from lopd.engine import (SCORING_BATCHED_TOKENS, check_k, engine_context, numeric_engine_args, running_context,
+                         running_engine)
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
-from lopd.guards import rollout_vocabulary
-from lopd.rollout import engine_version, load_tokenizer
+from lopd.models.guards import rollout_vocabulary
+from lopd.models.loading import load_tokenizer, model_config, resolve_model, vocab_size
+from lopd.rollout import engine_version
 from lopd.rollout_set import RolloutSet
 from lopd.storage import read_json
 

@@ -293,7 +293,7 @@ def test_bytes_per_position_and_error_at_k32(tmp_path):
 
 def test_teacher_consistency_guard(score_set, tmp_path):
     """OPD from a cache scored by a teacher other than the one that wrote the student's SFT data is refused."""
-    from lopd.lineage import write_lineage
+    from lopd.models.lineage import write_lineage
     from lopd.train.trainer import check_teacher_consistency
 
     cache = open_cache(score_set)  # scored by teacher fingerprint "f"

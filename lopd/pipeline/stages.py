@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from lopd.cache.reader import open_cache
-from lopd.engine import EnginePool, engine_context, model_config
+from lopd.engine import EnginePool, engine_context
 from lopd.errors import LopdError
 from lopd.evaluate import evaluate
 from lopd.pipeline.plan import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, stage_engine_args
 from lopd.prompts import PromptFormat, load_prompts
 from lopd.train.refresh import RefreshContext
-from lopd.rollout import SamplingConfig, encode_prompts, load_tokenizer, rollout
+from lopd.models.loading import load_tokenizer, model_config
+from lopd.rollout import SamplingConfig, encode_prompts, rollout
 from lopd.rollout_set import RolloutSet
 from lopd.score import ScoreConfig, score
 from lopd.storage import write_json_atomic

@@ -24,12 +24,12 @@ from lopd import alignment
 from lopd.cache.reader import ScoreCache
 from lopd.cost.ledger import record_stage
 from lopd.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
-from lopd.engine import resolve_model
 from lopd.errors import LopdError
 from lopd.faults import crash_point
 from lopd.fingerprint import model_fingerprint
-from lopd.guards import check_training_inputs
-from lopd.lineage import read_lineage, write_lineage
+from lopd.models.guards import check_training_inputs
+from lopd.models.lineage import read_lineage, write_lineage
+from lopd.models.loading import resolve_model
 from lopd.losses import get_loss
 from lopd.losses.base import LossInputs, LossSpec
 from lopd.losses.student import StudentLogprobs, StudentRequest
