@@ -435,7 +435,7 @@ def diagnose():
 @ROOT_OPTION
 def diagnose_alignment(cache_ref, student, signal, signal_args, rows, seed, out, root):
     """Cosine between the teacher-signal and GRPO outcome gradients, per rollout and per token (arXiv 2605.10889)."""
-    from lopd.alignment import diagnose_alignment as run
+    from lopd.train.alignment import diagnose_alignment as run
     from lopd.cache.reader import open_cache
 
     root = resolve_root(root)

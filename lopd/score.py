@@ -343,3 +343,16 @@ def unpack_prompt_logprobs(flat, prompt_len: int, seq_len: int, k: int) -> tuple
     ids = np.asarray(flat.token_ids[first:last], dtype=np.int64).reshape(n, k + 1)
     lps = np.asarray(flat.logprobs[first:last], dtype=np.float32).reshape(n, k + 1)
     return lps[:, 0], ids, lps[:, 1:]
+
+
+def repair(path: Path, root: Path, teacher: str | None = None, llm=None, experiment: str = "default"):
+    """Rescore exactly the missing or corrupt shards of the score set at `path` (and finish an incomplete one):
+    `lopd score` rerun with the teacher and settings its manifest records. Returns its ScoreResult."""
+    manifest = read_json(path / MANIFEST)
+    rollouts = RolloutSet.open((path / manifest["rollout_set"]["path"]).resolve())
+    recorded = manifest["config"]
+    config = ScoreConfig(k=recorded["k"], logprob_dtype=recorded["logprob_dtype"],
+                         rows_per_shard=manifest["rows_per_shard"], context=recorded.get("context"),
+                         context_slice=recorded.get("context_slice", 0))
+    return score(teacher or manifest["teacher"]["model"], rollouts, config, root=root, out=path, llm=llm,
+                 experiment=experiment, expect_id=manifest["id"])

@@ -1,4 +1,4 @@
-"""`lopd diagnose alignment` and the aligned-token filter (lopd.alignment), checked against explicit autograd.
+"""`lopd diagnose alignment` and the aligned-token filter (lopd.train.alignment), checked against explicit autograd.
 
 The fast tests build a small score set without an engine: toy-student rollouts with hand-set rewards, scored by
 the toy teacher through transformers. The slow test runs the real pipeline (vLLM rollout and score).
@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lopd.alignment import (
+from lopd.train.alignment import (
     AlignedTokenFilter,
     aligned_mask,
     check_token_filter,
@@ -198,7 +198,7 @@ def test_diagnose_alignment_writes_json_md_png(small_root, tmp_path):
 
 def test_sft_signal_is_parallel_to_success_in_parameter_space(small_root, tmp_path):
     """With SFT as the signal, grad = -(1/N) sum grad log pi and the outcome's is -A sum grad log pi: cos = sign(A)."""
-    from lopd.alignment import diagnose_alignment
+    from lopd.train.alignment import diagnose_alignment
 
     report = diagnose_alignment(STUDENT, open_cache(small_root / "scores" / "s-r-align"), signal="sft",
                                 out=tmp_path / "sft", quiet=True)

@@ -439,15 +439,15 @@ def test_every_command_takes_an_id_prefix_as_cache_show_does(score_set, tmp_path
     --contrast, `lopd score --rollouts`, `lopd diagnose alignment --cache`) wanted the whole id or a path."""
     from click.testing import CliRunner
 
-    import lopd.alignment
     import lopd.score
+    import lopd.train.alignment
     import lopd.train.trainer
     from lopd.cli import main
 
     stop_at(monkeypatch, lopd.train.trainer, "train", lambda student, source, *a, attached, **k: (
         f"source={source.id} attached=" + ",".join(f"{f}:{c.id}" for f, c in attached.items())))
     stop_at(monkeypatch, lopd.score, "score", lambda teacher, rollouts, *a, **k: f"rollouts={rollouts.id}")
-    stop_at(monkeypatch, lopd.alignment, "diagnose_alignment", lambda student, cache, **k: f"cache={cache.id}")
+    stop_at(monkeypatch, lopd.train.alignment, "diagnose_alignment", lambda student, cache, **k: f"cache={cache.id}")
     args = [a.format(student=STUDENT_BASE_DIR, teacher=TEACHER_DIR, out=tmp_path / "ck") for a in command]
     result = CliRunner().invoke(main, [*args, "--root", str(tmp_path)])
     assert result.stderr.startswith("error: reached ") and expected in result.stderr, result.output

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from lopd import alignment
+from lopd.train import alignment
 from lopd.cache.reader import ScoreCache
 from lopd.cost.ledger import record_stage
 from lopd.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
