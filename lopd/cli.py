@@ -100,7 +100,7 @@ def parse_refresh(items: tuple[str, ...]) -> dict:
     """`--refresh key=value` pairs typed after RefreshPolicy's fields."""
     from dataclasses import fields
 
-    from lopd.drift import RefreshPolicy
+    from lopd.train.drift import RefreshPolicy
 
     types = {f.name: f.type for f in fields(RefreshPolicy)}
     policy = {}
@@ -435,8 +435,8 @@ def diagnose():
 @ROOT_OPTION
 def diagnose_alignment(cache_ref, student, signal, signal_args, rows, seed, out, root):
     """Cosine between the teacher-signal and GRPO outcome gradients, per rollout and per token (arXiv 2605.10889)."""
-    from lopd.train.alignment import diagnose_alignment as run
     from lopd.cache.reader import open_cache
+    from lopd.train.alignment import diagnose_alignment as run
 
     root = resolve_root(root)
     cache = open_cache(find_artifact(cache_ref, root, "scores"))

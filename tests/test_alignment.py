@@ -14,6 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from lopd.cache import open_cache
+from lopd.errors import LopdError
+from lopd.losses import get_loss
+from lopd.losses.base import LossInputs
+from lopd.losses.student import StudentLogprobs
 from lopd.train.alignment import (
     AlignedTokenFilter,
     aligned_mask,
@@ -23,11 +28,6 @@ from lopd.train.alignment import (
     signal_of,
     token_alignment,
 )
-from lopd.cache import open_cache
-from lopd.errors import LopdError
-from lopd.losses import get_loss
-from lopd.losses.base import LossInputs
-from lopd.losses.student import StudentLogprobs
 from toy_sets import STUDENT, TEACHER, make_rollout_set, make_score_set, rollout_records
 
 

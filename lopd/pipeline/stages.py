@@ -10,15 +10,15 @@ from lopd.cache.reader import open_cache
 from lopd.engine import EnginePool, engine_context
 from lopd.errors import LopdError
 from lopd.evaluate import evaluate
+from lopd.models.loading import load_tokenizer, model_config
 from lopd.pipeline.plan import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, stage_engine_args
 from lopd.prompts import PromptFormat, load_prompts
-from lopd.train.refresh import RefreshContext
-from lopd.models.loading import load_tokenizer, model_config
 from lopd.rollout import SamplingConfig, encode_prompts, rollout
 from lopd.rollout_set import RolloutSet
 from lopd.score import ScoreConfig, score
 from lopd.storage import write_json_atomic
 from lopd.train.online import OnlineSampler
+from lopd.train.refresh import RefreshContext
 from lopd.train.trainer import TrainConfig, train
 
 TOY_MODELS = {"toy:teacher": "TEACHER_DIR", "toy:student_base": "STUDENT_BASE_DIR", "toy:calc_teacher": "CALC_TEACHER_DIR"}

@@ -1,4 +1,4 @@
-"""The toy worlds by name: `lopd toy-prompts --world` and pipeline prompt sets `{ toy = ... }` pick one here."""
+"""The toy worlds by name: `lopd toy prompts --world` and pipeline prompt sets `{ toy = ... }` pick one here."""
 from __future__ import annotations
 
 from types import ModuleType
