@@ -100,7 +100,7 @@ def parse_refresh(items: tuple[str, ...]) -> dict:
     """`--refresh key=value` pairs typed after RefreshPolicy's fields."""
     from dataclasses import fields
 
-    from lopd.drift import RefreshPolicy
+    from lopd.train.drift import RefreshPolicy
 
     types = {f.name: f.type for f in fields(RefreshPolicy)}
     policy = {}
@@ -326,7 +326,7 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
         if not teacher:
             raise LopdError("--refresh needs --teacher (the model that scored the cache) to re-score refreshed shards")
         from lopd.engine import EnginePool
-        from lopd.refresh import RefreshContext
+        from lopd.train.refresh import RefreshContext
 
         context = RefreshContext(teacher, EnginePool(max_logprobs=max(source.k, 1), engine_args=engine_args), root,
                                  experiment)
@@ -387,7 +387,7 @@ def toy():
               help="calc: calculator expressions for `--tool lopd.toy.calc:ENVIRONMENT --verifier lopd.toy.calc:verify`.")
 def toy_prompts(split, n, out, world):
     """Write a split of toy prompts as JSON Lines."""
-    from lopd.toy.splits import toy_world
+    from lopd.toy.worlds import toy_world
 
     module = toy_world(world)
     click.echo(module.write_prompts_jsonl(module.make_prompts(split, n), out))
@@ -399,7 +399,8 @@ def toy_prompts(split, n, out, world):
 @ROOT_OPTION
 def run_(pipeline, dry_run, root):
     """Execute a pipeline file (TOML/YAML) from pipelines/; finished stages with unchanged inputs are skipped."""
-    from lopd.pipeline import load_spec, run_pipeline
+    from lopd.pipeline.plan import load_spec
+    from lopd.pipeline.run import run_pipeline
 
     run_pipeline(load_spec(pipeline), resolve_root(root), dry_run=dry_run)
 
@@ -434,8 +435,8 @@ def diagnose():
 @ROOT_OPTION
 def diagnose_alignment(cache_ref, student, signal, signal_args, rows, seed, out, root):
     """Cosine between the teacher-signal and GRPO outcome gradients, per rollout and per token (arXiv 2605.10889)."""
-    from lopd.alignment import diagnose_alignment as run
     from lopd.cache.reader import open_cache
+    from lopd.train.alignment import diagnose_alignment as run
 
     root = resolve_root(root)
     cache = open_cache(find_artifact(cache_ref, root, "scores"))

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lopd.pipeline import load_spec, plot_accuracies, run_pipeline
+from lopd.pipeline.plan import load_spec
+from lopd.pipeline.run import plot_accuracies, run_pipeline
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from lopd.errors import LopdError
+from lopd.models.loading import model_config, model_context, resolve_model
 
 # vLLM's CPU attention kernel supports only these head sizes (CPUAttentionBackend.get_supported_head_sizes).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -41,11 +42,6 @@ SCORING_BATCHED_TOKENS = 4096
 # CPU engine on a loaded machine overruns (its worker alone takes ~3 s to exit), and a killed engine core leaks its
 # shared-memory queues. Only a hung engine waits this long.
 ENGINE_SHUTDOWN_SECONDS = 30.0
-# The config.json keys vLLM reads a model's context length from (the smallest present wins), in vLLM's order.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
-# RoPE types whose `factor` vLLM does not multiply into the context length (already scaled in the config).
-_SCALED_ROPE_TYPES = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -55,35 +51,8 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def resolve_model(model: str | os.PathLike) -> str:
-    """A local model directory, or a hub name left for vLLM/transformers to resolve."""
-    text = str(model)
-    path = Path(text).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise LopdError(f"model path {text} has no config.json; pass a Hugging Face model directory or hub name")
-        return str(path.resolve())
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text and text.count("/") != 1
-    if looks_local or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise LopdError(f"model path {text} does not exist; pass a Hugging Face model directory or hub name")
-    return text
-
-
-def model_config(model: str) -> dict[str, Any]:
-    path = Path(model)
-    if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text())
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model).to_dict()
-
-
 def head_dim(config: dict[str, Any]) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-
-
-def vocab_size(config: dict[str, Any]) -> int:
-    return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
 
 
 def check_cpu_head_dim(model: str, config: dict[str, Any]) -> None:
@@ -150,20 +119,6 @@ def _engine_dies_with_this_process() -> None:
     if _ORIGINAL_RUN_ENGINE_CORE is None:
         _ORIGINAL_RUN_ENGINE_CORE = EngineCoreProc.run_engine_core
     EngineCoreProc.run_engine_core = functools.partial(_engine_core_main, os.getpid())
-
-
-def model_context(config: dict[str, Any]) -> int | None:
-    """The context length vLLM derives from a model's config (None when the config names none; vLLM then
-    assumes 2,048). Mirrors vLLM's rule: the smallest length key present, times a RoPE scaling factor."""
-    text = config.get("text_config") or config
-    lengths = [int(text[k]) for k in CONTEXT_KEYS if isinstance(text.get(k), (int, float))]
-    if not lengths:
-        return None
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    factor = 1.0
-    if rope.get("rope_type", rope.get("type", "default")) not in _SCALED_ROPE_TYPES:
-        factor = float(rope.get("factor") or 1.0)
-    return int(min(lengths) * factor)
 
 
 def engine_context(model: str, config: dict[str, Any], engine_args: Mapping[str, Any]) -> int | None:

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lopd.cost.ledger import record_stage
-from lopd.engine import engine_context, model_config, resolve_model, running_context, running_engine
+from lopd.engine import engine_context, running_context, running_engine
 from lopd.errors import LopdError
+from lopd.models.loading import load_tokenizer, model_config, resolve_model
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.environment import load_environment
 from lopd.rollout import (SamplingConfig, check_max_tokens, check_prompts, encode_prompts, generate,
-                          generate_with_tool, load_tokenizer)
+                          generate_with_tool)
 from lopd.verifier import load_verifier
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lopd.cost.ledger import record_stage
-from lopd.engine import (engine_context, model_config, numeric_engine_args, resolve_model,
-                         running_context, running_engine)
+from lopd.engine import engine_context, numeric_engine_args, running_context, running_engine
 from lopd.environment import Environment, describe, load_environment
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
-from lopd.lineage import read_lineage
+from lopd.models.lineage import read_lineage
+from lopd.models.loading import load_tokenizer, model_config, resolve_model
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.rollout_set import RolloutSet, rollouts_dir, write_rollout_set
 from lopd.verifier import absolute_spec, load_judge, load_verifier
@@ -43,12 +43,6 @@ class SamplingConfig:
         if self.max_tokens is not None or context is None:
             return self
         return replace(self, max_tokens=context - 1 - SCORING_ROOM)
-
-
-def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model)
 
 
 def encode_prompts(tokenizer, rows: list[dict[str, Any]], prompt_format: PromptFormat = PLAIN) -> list[list[int]]:

@@ -20,12 +20,13 @@ from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
 from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, damaged_shards, scores_dir
 from lopd.contexts import expand_context, teacher_prompts
 from lopd.cost.ledger import record_stage
-from lopd.engine import (SCORING_BATCHED_TOKENS, check_k, engine_context, model_config,
-                         numeric_engine_args, resolve_model, running_context, running_engine, vocab_size)
+from lopd.engine import (SCORING_BATCHED_TOKENS, check_k, engine_context, numeric_engine_args, running_context,
+                         running_engine)
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
-from lopd.guards import rollout_vocabulary
-from lopd.rollout import engine_version, load_tokenizer
+from lopd.models.guards import rollout_vocabulary
+from lopd.models.loading import load_tokenizer, model_config, resolve_model, vocab_size
+from lopd.rollout import engine_version
 from lopd.rollout_set import RolloutSet
 from lopd.storage import read_json
 
@@ -342,3 +343,16 @@ def unpack_prompt_logprobs(flat, prompt_len: int, seq_len: int, k: int) -> tuple
     ids = np.asarray(flat.token_ids[first:last], dtype=np.int64).reshape(n, k + 1)
     lps = np.asarray(flat.logprobs[first:last], dtype=np.float32).reshape(n, k + 1)
     return lps[:, 0], ids, lps[:, 1:]
+
+
+def repair(path: Path, root: Path, teacher: str | None = None, llm=None, experiment: str = "default"):
+    """Rescore exactly the missing or corrupt shards of the score set at `path` (and finish an incomplete one):
+    `lopd score` rerun with the teacher and settings its manifest records. Returns its ScoreResult."""
+    manifest = read_json(path / MANIFEST)
+    rollouts = RolloutSet.open((path / manifest["rollout_set"]["path"]).resolve())
+    recorded = manifest["config"]
+    config = ScoreConfig(k=recorded["k"], logprob_dtype=recorded["logprob_dtype"],
+                         rows_per_shard=manifest["rows_per_shard"], context=recorded.get("context"),
+                         context_slice=recorded.get("context_slice", 0))
+    return score(teacher or manifest["teacher"]["model"], rollouts, config, root=root, out=path, llm=llm,
+                 experiment=experiment, expect_id=manifest["id"])

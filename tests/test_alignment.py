@@ -1,4 +1,4 @@
-"""`lopd diagnose alignment` and the aligned-token filter (lopd.alignment), checked against explicit autograd.
+"""`lopd diagnose alignment` and the aligned-token filter (lopd.train.alignment), checked against explicit autograd.
 
 The fast tests build a small score set without an engine: toy-student rollouts with hand-set rewards, scored by
 the toy teacher through transformers. The slow test runs the real pipeline (vLLM rollout and score).
@@ -14,7 +14,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lopd.alignment import (
+from lopd.cache import open_cache
+from lopd.errors import LopdError
+from lopd.losses import get_loss
+from lopd.losses.base import LossInputs
+from lopd.losses.student import StudentLogprobs
+from lopd.train.alignment import (
     AlignedTokenFilter,
     aligned_mask,
     check_token_filter,
@@ -23,11 +28,6 @@ from lopd.alignment import (
     signal_of,
     token_alignment,
 )
-from lopd.cache import open_cache
-from lopd.errors import LopdError
-from lopd.losses import get_loss
-from lopd.losses.base import LossInputs
-from lopd.losses.student import StudentLogprobs
 from toy_sets import STUDENT, TEACHER, make_rollout_set, make_score_set, rollout_records
 
 
@@ -198,7 +198,7 @@ def test_diagnose_alignment_writes_json_md_png(small_root, tmp_path):
 
 def test_sft_signal_is_parallel_to_success_in_parameter_space(small_root, tmp_path):
     """With SFT as the signal, grad = -(1/N) sum grad log pi and the outcome's is -A sum grad log pi: cos = sign(A)."""
-    from lopd.alignment import diagnose_alignment
+    from lopd.train.alignment import diagnose_alignment
 
     report = diagnose_alignment(STUDENT, open_cache(small_root / "scores" / "s-r-align"), signal="sft",
                                 out=tmp_path / "sft", quiet=True)
@@ -238,7 +238,7 @@ def test_one_line_errors(tmp_path, small_root):
 
 
 def test_pipeline_train_stage_accepts_token_filter():
-    from lopd.pipeline_stages import pick
+    from lopd.pipeline.stages import pick
     from lopd.train.trainer import TrainConfig
 
     config = pick(TrainConfig, {"loss": "rkl_topk", "token_filter": "aligned", "token_filter_signal": "lightning"})

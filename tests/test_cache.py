@@ -293,7 +293,7 @@ def test_bytes_per_position_and_error_at_k32(tmp_path):
 
 def test_teacher_consistency_guard(score_set, tmp_path):
     """OPD from a cache scored by a teacher other than the one that wrote the student's SFT data is refused."""
-    from lopd.lineage import write_lineage
+    from lopd.models.lineage import write_lineage
     from lopd.train.trainer import check_teacher_consistency, teacher_consistency
 
     cache = open_cache(score_set)  # scored by teacher fingerprint "f"
@@ -428,11 +428,12 @@ def stop_at(monkeypatch, module, name: str, describe) -> None:
 
 
 @pytest.mark.parametrize("command,expected", [
-    (["train", "--student", "{student}", "--cache", "s-syn", "--out", "{out}"], "source=s-synthetic"),
+    (["train", "--student", "{student}", "--cache", "s-syn", "--loss", "rkl_topk", "--out", "{out}"],
+     "source=s-synthetic"),
     (["train", "--student", "{student}", "--rollouts", "r-syn", "--loss", "sft", "--out", "{out}"],
      "source=r-synthetic"),
     (["train", "--student", "{student}", "--cache", "s-synthetic", "--base", "s-syn", "--contrast", "s-synth",
-      "--out", "{out}"], "attached=base_logprobs:s-synthetic,contrast_logprobs:s-synthetic"),
+      "--loss", "rkl_topk", "--out", "{out}"], "attached=base_logprobs:s-synthetic,contrast_logprobs:s-synthetic"),
     (["score", "--teacher", "{teacher}", "--rollouts", "r-syn"], "rollouts=r-synthetic"),
     (["diagnose", "alignment", "--cache", "s-syn", "--student", "{student}"], "cache=s-synthetic"),
 ])
@@ -441,15 +442,15 @@ def test_every_command_takes_an_id_prefix_as_cache_show_does(score_set, tmp_path
     --contrast, `lopd score --rollouts`, `lopd diagnose alignment --cache`) wanted the whole id or a path."""
     from click.testing import CliRunner
 
-    import lopd.alignment
     import lopd.score
+    import lopd.train.alignment
     import lopd.train.trainer
     from lopd.cli import main
 
     stop_at(monkeypatch, lopd.train.trainer, "train", lambda student, source, *a, attached, **k: (
         f"source={source.id} attached=" + ",".join(f"{f}:{c.id}" for f, c in attached.items())))
     stop_at(monkeypatch, lopd.score, "score", lambda teacher, rollouts, *a, **k: f"rollouts={rollouts.id}")
-    stop_at(monkeypatch, lopd.alignment, "diagnose_alignment", lambda student, cache, **k: f"cache={cache.id}")
+    stop_at(monkeypatch, lopd.train.alignment, "diagnose_alignment", lambda student, cache, **k: f"cache={cache.id}")
     args = [a.format(student=STUDENT_BASE_DIR, teacher=TEACHER_DIR, out=tmp_path / "ck") for a in command]
     result = CliRunner().invoke(main, [*args, "--root", str(tmp_path)])
     assert result.stderr.startswith("error: reached ") and expected in result.stderr, result.output
@@ -459,7 +460,7 @@ def test_every_command_takes_an_id_prefix_as_cache_show_does(score_set, tmp_path
 
 @pytest.mark.parametrize("command", [
     ["cache", "show", "s-syn"],
-    ["train", "--student", str(STUDENT_BASE_DIR), "--cache", "s-syn", "--out", "ck"],
+    ["train", "--student", str(STUDENT_BASE_DIR), "--cache", "s-syn", "--loss", "rkl_topk", "--out", "ck"],
 ])
 def test_an_ambiguous_prefix_is_one_line_listing_the_matches(score_set, tmp_path, command):
     from click.testing import CliRunner

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from lopd.cli import main
 from lopd.errors import LopdError
-from lopd.pipeline import Stage, check_stage
+from lopd.pipeline.plan import Stage, check_stage
 from lopd.rollout import SCORING_ROOM, SamplingConfig
 from lopd.score import ScoreConfig
 

@@ -18,7 +18,8 @@ from lopd.cli import main
 from lopd.engine import EnginePool, check_engine_args
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json
-from lopd.pipeline import load_spec, plan, run_pipeline
+from lopd.pipeline.plan import load_spec, plan
+from lopd.pipeline.run import run_pipeline
 from lopd.rollout import SamplingConfig, rollout
 from lopd.rollout_set import RolloutSet, write_rollout_set
 from lopd.score import ScoreConfig, score_set_identity

@@ -8,8 +8,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from lopd.boxed import verify
-from lopd.pipeline import load_spec, plan
-from lopd.pipeline_stages import pick
+from lopd.pipeline.plan import load_spec, plan
+from lopd.pipeline.stages import pick
 from lopd.prompts import PromptFormat
 from lopd.rollout import SamplingConfig
 from lopd.score import ScoreConfig

@@ -17,8 +17,8 @@ from lopd.cache import open_cache
 from lopd.cache.score_set import ScoreSetWriter
 from lopd.errors import LopdError
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
-from lopd.guards import check_training_inputs, model_ancestry
-from lopd.lineage import write_lineage
+from lopd.models.guards import check_training_inputs, model_ancestry
+from lopd.models.lineage import write_lineage
 from lopd.rollout_set import RolloutSet, write_rollout_set
 from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR
 from lopd.toy.tokenizer import build_char_tokenizer

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lopd.cache import open_cache
 from lopd.errors import LopdError
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
-from lopd.guards import check_training_inputs
+from lopd.models.guards import check_training_inputs
 from lopd.rollout_set import write_rollout_set
 from lopd.score import PADDED_MARGIN, ScoreConfig, best_defined, score
 from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR

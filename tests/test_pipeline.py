@@ -8,7 +8,8 @@ import pytest
 
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
-from lopd.pipeline import expand_stages, load_spec, plan, run_pipeline
+from lopd.pipeline.plan import expand_stages, load_spec, plan
+from lopd.pipeline.run import run_pipeline
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 

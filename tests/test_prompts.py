@@ -21,8 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json
+from lopd.models.loading import load_tokenizer
 from lopd.prompts import PromptFormat, load_prompts
-from lopd.rollout import SamplingConfig, encode_prompts, load_tokenizer, rollout, rollout_identity
+from lopd.rollout import SamplingConfig, encode_prompts, rollout, rollout_identity
 from lopd.toy import STUDENT_BASE_DIR, words
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}={% endfor %}"

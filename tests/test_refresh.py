@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from lopd.cache import open_cache
-from lopd.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
 from lopd.losses.base import LossInputs
 from lopd.losses.student import StudentLogprobs, StudentRequest
-from lopd.refresh import RefreshContext
 from lopd.rollout import SamplingConfig, rollout
 from lopd.rollout_set import write_rollout_set
 from lopd.score import ScoreConfig, score
 from lopd.toy import TEACHER_DIR, words
+from lopd.train.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
+from lopd.train.refresh import RefreshContext
 from lopd.train.trainer import TrainConfig, train
 
 TEACHER = str(TEACHER_DIR)

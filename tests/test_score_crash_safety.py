@@ -96,7 +96,7 @@ def test_two_concurrent_scorers_do_not_lose_rows(job, tmp_path):
 def test_a_damaged_set_is_repaired_by_rescoring_exactly_its_damaged_shards(job, pool, how):
     """Before: after a shard was deleted or corrupted, rerunning `lopd score` was a cache hit and the set stayed
     broken (only deleting the whole set helped). Now the rerun (or `lopd cache repair`) rescores just those."""
-    from lopd.cache.admin import repair
+    from lopd.score import repair
     from test_cache import flip_one_byte
 
     rollouts, reference = job

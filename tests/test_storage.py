@@ -8,7 +8,7 @@ import pytest
 
 from lopd import storage
 from lopd.errors import LopdError
-from lopd.lineage import LINEAGE_FILE, write_lineage
+from lopd.models.lineage import LINEAGE_FILE, write_lineage
 from lopd.storage import default_root, find_artifact, write_json_atomic
 
 

@@ -144,8 +144,9 @@ def test_collate_masks_observation_tokens_and_carries_rubric_rewards(tmp_path):
 
 
 def test_plain_rollout_identity_gains_no_tool_or_judge_key():
+    from lopd.models.loading import load_tokenizer
     from lopd.prompts import PLAIN
-    from lopd.rollout import SamplingConfig, load_tokenizer, rollout_identity
+    from lopd.rollout import SamplingConfig, rollout_identity
 
     from lopd.toy import TEACHER_DIR
 

@@ -251,12 +251,12 @@ def test_identity_rules():
 
 
 def test_loop_state_round_trip_keeps_drift_and_refreshed_rows(train_root, tmp_path):
-    """What a refreshing run needs to resume (lopd.refresh needs vLLM, so the state is checked here, not a kill)."""
+    """What a refreshing run needs to resume (lopd.train.refresh needs vLLM, so the state is checked here, not a kill)."""
     from lopd.cache import open_cache
-    from lopd.drift import ShardDrift
-    from lopd.refresh import Refresher
     from lopd.train.checkpoint import loop_state, restore_loop_state
     from lopd.train.data import SequenceDataset
+    from lopd.train.drift import ShardDrift
+    from lopd.train.refresh import Refresher
 
     cache, fresh = open_cache(train_root / "scores" / "s-r-resume"), open_cache(train_root / "scores" / "s-r-poisoned")
     drift = ShardDrift(16)

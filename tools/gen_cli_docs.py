@@ -149,7 +149,7 @@ def cli_reference() -> str:
 
 def loss_table() -> str:
     """The losses page's table: name, paper, needs, defaults and summary from the registry, plus WHEN."""
-    from lopd.losses.base import describe_losses
+    from lopd.losses import describe_losses
 
     rows = describe_losses()
     missing = [row["name"] for row in rows if row["name"] not in WHEN]

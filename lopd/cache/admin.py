@@ -74,21 +74,6 @@ def verify(path: Path) -> list[str]:
     return problems
 
 
-def repair(path: Path, root: Path, teacher: str | None = None, llm=None, experiment: str = "default"):
-    """Rescore exactly the missing or corrupt shards of the score set at `path` (and finish an incomplete one):
-    `lopd score` rerun with the teacher and settings its manifest records. Returns lopd.score's ScoreResult."""
-    from lopd.score import ScoreConfig, score
-
-    manifest = read_json(path / MANIFEST)
-    rollouts = RolloutSet.open((path / manifest["rollout_set"]["path"]).resolve())
-    recorded = manifest["config"]
-    config = ScoreConfig(k=recorded["k"], logprob_dtype=recorded["logprob_dtype"],
-                         rows_per_shard=manifest["rows_per_shard"], context=recorded.get("context"),
-                         context_slice=recorded.get("context_slice", 0))
-    return score(teacher or manifest["teacher"]["model"], rollouts, config, root=root, out=path, llm=llm,
-                 experiment=experiment, expect_id=manifest["id"])
-
-
 def garbage(root: Path) -> list[Path]:
     """Score sets and rollout sets no experiment references (and that no kept score set needs)."""
     used = usage(root)

@@ -94,8 +94,10 @@ def verify(ref, root, as_json):
 @ROOT
 def repair(ref, teacher, experiment, root):
     """Rescore exactly the missing or corrupt shards of a score set (and finish an interrupted one)."""
+    from lopd.score import repair as rescore
+
     root = resolve_root(root)
-    report_score(admin.repair(admin.find(root, ref), root, teacher=teacher, experiment=experiment))
+    report_score(rescore(admin.find(root, ref), root, teacher=teacher, experiment=experiment))
 
 
 @cache.command()

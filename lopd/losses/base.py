@@ -163,22 +163,6 @@ def get_loss(name: str) -> LossSpec:
     return REGISTRY[name]
 
 
-def describe_losses() -> list[dict[str, Any]]:
-    """One row per registered loss (name, paper, needs, defaults, summary), sorted by name, for `lopd losses`."""
-    import lopd.losses  # noqa: F401  (importing the package registers every loss module)
-
-    return [
-        {
-            "name": spec.name,
-            "paper": spec.paper,
-            "needs": list(spec.needs),
-            "defaults": dict(spec.defaults),
-            "summary": spec.summary,
-        }
-        for spec in sorted(REGISTRY.values(), key=lambda spec: spec.name)
-    ]
-
-
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token-level mean over the positions the mask keeps (0 when it keeps none)."""
     return (values * mask).sum() / mask.sum().clamp_min(1.0)

@@ -4,9 +4,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-
-from lopd.errors import LopdError
 
 
 @dataclass(frozen=True)
@@ -14,16 +11,6 @@ class Prompt:
     id: str
     prompt: str
     answer: str  # one reference answer: a valid completion (words) or the expression's value (calc)
-
-
-def toy_world(name: str) -> ModuleType:
-    """The module of a toy world by name ("words" or "calc"): its make_prompts, verify, judge."""
-    from lopd.toy import calc, words
-
-    worlds = {"words": words, "calc": calc}
-    if name not in worlds:
-        raise LopdError(f"unknown toy world {name!r}; choose one of: {', '.join(worlds)}")
-    return worlds[name]
 
 
 def write_prompts_jsonl(prompts: list[Prompt], path: str | Path) -> Path:

@@ -33,13 +33,13 @@ import torch
 
 from lopd.cache.reader import ScoreCache, open_cache
 from lopd.cost.ledger import StageRecord, append_row
-from lopd.drift import DriftStats, ShardDrift
 from lopd.errors import LopdError
 from lopd.faults import crash_point
-from lopd.refresh import Refresher
 from lopd.storage import read_json, write_json_atomic
 from lopd.train import distributed
 from lopd.train.config import TrainConfig
+from lopd.train.drift import DriftStats, ShardDrift
+from lopd.train.refresh import Refresher
 
 CHECKPOINTS = "checkpoints"
 TAG = "state"  # DeepSpeed's tag directory inside each checkpoint

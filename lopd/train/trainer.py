@@ -20,27 +20,27 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from lopd import alignment
 from lopd.cache.reader import ScoreCache
 from lopd.cost.ledger import record_stage
-from lopd.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
-from lopd.engine import resolve_model
 from lopd.errors import LopdError
 from lopd.faults import crash_point
 from lopd.fingerprint import model_fingerprint
-from lopd.guards import check_training_inputs
-from lopd.lineage import read_lineage, write_lineage
 from lopd.losses import get_loss
 from lopd.losses.base import LossInputs, LossSpec
 from lopd.losses.student import StudentLogprobs, StudentRequest
-from lopd.refresh import Refresher, RefreshContext
+from lopd.models.guards import check_training_inputs
+from lopd.models.lineage import read_lineage, write_lineage
+from lopd.models.loading import resolve_model
 from lopd.rollout_set import RolloutSet
+from lopd.train import alignment
 from lopd.train import distributed
 from lopd.train.checkpoint import (Attempt, Checkpoints, loop_state, restore_loop_state, restore_rng, run_identity,
                                   truncate_jsonl)
 from lopd.train.config import TrainConfig
 from lopd.train.data import Batch, SequenceDataset, available_fields, collate
+from lopd.train.drift import DriftStats, RefreshPolicy, ShardDrift, token_drift
 from lopd.train.nonfinite import nonfinite_message
+from lopd.train.refresh import Refresher, RefreshContext
 from lopd.train.reporting import Reporter
 from lopd.train.sampling import GroupBatchSampler, ShardWindowSampler, split_by_tokens
 from lopd.train.student_head import StudentHead, load_student
@@ -219,7 +219,7 @@ def train(
     """Train `student` on `source`, or on `batches(model)` from a live sampler, and save a HF checkpoint to `out_dir`.
 
     With `config.refresh` thresholds (and a `refresh_context` naming the teacher and engines), stale cache shards
-    are re-rolled and re-scored during training (lopd.refresh). `attached` maps LossInputs fields to further score
+    are re-rolled and re-scored during training (lopd.train.refresh). `attached` maps LossInputs fields to further score
     sets over the same rollouts (lopd.train.data.ATTACHABLE: G-OPD's base model, RLCSD's contrast).
     A run whose `out_dir` holds a resumable checkpoint of the same run continues from it (lopd.train.checkpoint);
     one of another run is refused, or deleted with `restart_on_change`; `run_key` adds to what "the same run" means

@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from lopd.cache.reader import open_cache
-from lopd.engine import EnginePool, engine_context, model_config
+from lopd.engine import EnginePool, engine_context
 from lopd.errors import LopdError
 from lopd.evaluate import evaluate
-from lopd.pipeline import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, stage_engine_args
+from lopd.models.loading import load_tokenizer, model_config
+from lopd.pipeline.plan import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, stage_engine_args
 from lopd.prompts import PromptFormat, load_prompts
-from lopd.refresh import RefreshContext
-from lopd.rollout import SamplingConfig, encode_prompts, load_tokenizer, rollout
+from lopd.rollout import SamplingConfig, encode_prompts, rollout
 from lopd.rollout_set import RolloutSet
 from lopd.score import ScoreConfig, score
 from lopd.storage import write_json_atomic
 from lopd.train.online import OnlineSampler
+from lopd.train.refresh import RefreshContext
 from lopd.train.trainer import TrainConfig, train
 
 TOY_MODELS = {"toy:teacher": "TEACHER_DIR", "toy:student_base": "STUDENT_BASE_DIR", "toy:calc_teacher": "CALC_TEACHER_DIR"}
@@ -67,7 +68,7 @@ class StageRunner:
         if name not in self.prompt_cache:
             source = self.spec["prompts"][name]
             if "toy" in source:  # { toy = SPLIT, n = N, world = "words" | "calc" }
-                from lopd.toy.splits import toy_world
+                from lopd.toy.worlds import toy_world
 
                 world = toy_world(source.get("world", "words"))
                 rows = [asdict(p) for p in world.make_prompts(source["toy"], int(source["n"]))]

@@ -243,10 +243,10 @@ def diagnose_alignment(student: str, cache, *, signal: str = "rkl_topk", signal_
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lopd.engine import resolve_model
     from lopd.fingerprint import model_fingerprint
-    from lopd.guards import check_training_inputs
     from lopd.losses import get_loss
+    from lopd.models.guards import check_training_inputs
+    from lopd.models.loading import resolve_model
     from lopd.storage import resolve_root
     from lopd.train.data import SequenceDataset, available_fields, collate
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lopd.cache.reader import ScoreCache
-from lopd.engine import model_config, resolve_model, vocab_size
 from lopd.errors import LopdError
 from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
-from lopd.lineage import read_lineage
-from lopd.rollout import load_tokenizer
+from lopd.models.lineage import read_lineage
+from lopd.models.loading import load_tokenizer, model_config, resolve_model, vocab_size
 from lopd.rollout_set import RolloutSet
 
 MAX_LINEAGE_DEPTH = 64  # a chain longer than any real run: stops a lineage file that points at itself
