@@ -12,27 +12,17 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from toy_sets import one_row_rollout_set
 
 from lopd.cli import main
-from lopd.rollout_set import write_rollout_set
 from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR
 
 
 @pytest.fixture()
 def world(tmp_path: Path) -> dict[str, str]:
     """A storage root with a tiny hand-made rollout set, a prompt file and pipeline files (no engine needed)."""
-    from transformers import AutoTokenizer
-
-    from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
-
     root = tmp_path / "root"
-    model = str(STUDENT_BASE_DIR)
-    records = [{"prompt_id": "p0", "group_id": 0, "sample_index": 0, "prompt": "ab=", "answer": "c",
-                "prompt_ids": [1, 4, 5, 40], "response_ids": [6, 2], "behaviour_logprobs": [-1.0, -0.5],
-                "finish_reason": "stop", "reward": 1.0}]
-    meta = {"id": "r-test", "model": model, "model_fingerprint": model_fingerprint(model),
-            "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(model))}
-    rollouts = write_rollout_set(root / "rollouts" / "r-test", records, meta)
+    rollouts = one_row_rollout_set(root / "rollouts" / "r-test")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"question": "ab=", "answer": "c"}) + "\n")
     head = f'[models]\nteacher = "{TEACHER_DIR}"\n[prompts]\np = {{ toy = "opd", n = 4 }}\n'
@@ -50,7 +40,7 @@ def world(tmp_path: Path) -> dict[str, str]:
     (foreign / "todo.txt").write_text("mine\n")
     return {"root": str(root), "rollouts": str(rollouts.path), "prompts": str(prompts), "out": str(tmp_path / "out"),
             "foreign": str(foreign),
-            "teacher": str(TEACHER_DIR), "student": model, "bad_shards": str(bad_shards),
+            "teacher": str(TEACHER_DIR), "student": str(STUDENT_BASE_DIR), "bad_shards": str(bad_shards),
             "no_verifier": str(no_verifier), "bad_top_p": str(bad_top_p)}
 
 

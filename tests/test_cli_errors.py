@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy_sets import one_row_rollout_set
 
-from lopd.rollout_set import write_rollout_set
 from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR
 from lopd.toy.tokenizer import build_char_tokenizer
 
@@ -30,16 +30,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 @pytest.fixture()
 def rollout_set(tmp_path):
     """A tiny hand-made rollout set of the toy student (no engine needed)."""
-    from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
-    from transformers import AutoTokenizer
-
-    model = str(STUDENT_BASE_DIR)
-    records = [{"prompt_id": "p0", "group_id": 0, "sample_index": 0, "prompt": "ab=", "answer": "c",
-                "prompt_ids": [1, 4, 5, 40], "response_ids": [6, 2], "behaviour_logprobs": [-1.0, -0.5],
-                "finish_reason": "stop", "reward": 1.0}]
-    meta = {"id": "r-test", "model": model, "model_fingerprint": model_fingerprint(model),
-            "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(model))}
-    return write_rollout_set(tmp_path / "root" / "rollouts" / "r-test", records, meta)
+    return one_row_rollout_set(tmp_path / "root" / "rollouts" / "r-test")
 
 
 def test_missing_model_path(tmp_path):

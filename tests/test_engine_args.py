@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from toy_sets import one_row_rollout_set
 
 from lopd.cli import main
 from lopd.engine import EnginePool, check_engine_args
@@ -55,16 +56,7 @@ def spy(monkeypatch) -> list[dict]:
 @pytest.fixture()
 def rollout_set(tmp_path) -> RolloutSet:
     """A tiny hand-made rollout set of the toy teacher (longest row: 6 tokens)."""
-    from transformers import AutoTokenizer
-
-    from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
-
-    records = [{"prompt_id": "p0", "group_id": 0, "sample_index": 0, "prompt": "ab=", "answer": "c",
-                "prompt_ids": [1, 4, 5, 40], "response_ids": [6, 2], "behaviour_logprobs": [-1.0, -0.5],
-                "finish_reason": "stop", "reward": 1.0}]
-    meta = {"id": "r-test", "model": TEACHER, "model_fingerprint": model_fingerprint(TEACHER),
-            "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(TEACHER))}
-    return write_rollout_set(tmp_path / "root" / "rollouts" / "r-test", records, meta)
+    return one_row_rollout_set(tmp_path / "root" / "rollouts" / "r-test", TEACHER)
 
 
 def engine_flags() -> list[str]:
@@ -92,9 +84,10 @@ def test_scoring_defaults_size_the_engine_from_the_longest_row(spy, rollout_set,
 
 
 def test_a_row_longer_than_the_teacher_context_is_refused_before_anything_is_written(spy, tmp_path):
+    from transformers import AutoTokenizer
+
     from lopd.fingerprint import model_fingerprint, tokenizer_fingerprint
     from lopd.score import score
-    from transformers import AutoTokenizer
 
     records = [{"prompt_id": f"p{i}", "group_id": i, "sample_index": 0, "prompt": "ab=", "answer": "c",
                 "prompt_ids": [1, 4, 5, 40], "response_ids": [6] * n, "behaviour_logprobs": [-1.0] * n,
