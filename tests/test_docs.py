@@ -108,3 +108,55 @@ def test_links_outside_the_book_resolve(page):
         path = (source.parent / target.split("#")[0]).resolve()
         assert path.exists(), f"{page} links to {target}, which does not exist"
         assert path.is_relative_to(ROOT), target
+
+
+FENCE = re.compile(r"^```[a-z]*\n(.*?)^```", re.M | re.S)
+ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every `lopd ...` command line in a code block of the README or a docs page, as (where, argv after `lopd`).
+
+    Continuation lines are joined and comments dropped; leading `VAR=value` assignments are skipped; `[--opt x]`
+    (optional parts) are read as given; `lopd cache ls | show ID | ...` lists sibling subcommands."""
+    found = []
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in FENCE.findall(page.read_text()):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = re.split(r"\s+#\s", line, maxsplit=1)[0].replace("[", " ").replace("]", " ").split()
+                while words and ENV_ASSIGNMENT.match(words[0]):
+                    words = words[1:]
+                if not words or words[0].rsplit("/", 1)[-1] != "lopd":
+                    continue
+                parts = " ".join(words[1:]).split(" | ")
+                group = parts[0].split()[:1]
+                found.append((page.name, parts[0].split()))
+                found += [(page.name, group + part.split()) for part in parts[1:]]
+    return found
+
+
+def test_docs_show_commands():
+    assert len(documented_commands()) >= 20
+
+
+@pytest.mark.parametrize("where,argv", documented_commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_every_documented_command_and_option_exists(where, argv):
+    """The README and docs show commands that exist with options they take (checked against the click commands,
+    without running them: many need a GPU or a real model; the commands themselves are run by their own tests)."""
+    from lopd.cli import main
+
+    command, path = main, ["lopd"]
+    words = list(argv)
+    while isinstance(command, click.Group) and words and not words[0].startswith("-"):
+        name = words.pop(0)
+        assert name in command.commands, f"{where}: `{' '.join(path)} {name}` is not a command"
+        command, path = command.commands[name], [*path, name]
+    assert not isinstance(command, click.Group) or not words, f"{where}: `{' '.join(path)}` needs a subcommand"
+    options = {name for param in command.params for name in param.opts} | {"-h", "--help"}
+    for word in words:
+        if word.startswith("-"):
+            assert word.split("=")[0] in options, f"{where}: `{' '.join(path)}` has no option {word}"
+    given = {word.split("=")[0] for word in words}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.required:
+            assert given & set(param.opts), f"{where}: `{' '.join(path)}` is shown without its required {param.opts[0]}"
