@@ -78,3 +78,21 @@ def test_only_the_stale_shard_is_regenerated(pool, root, tmp_path):
     assert result.refresh["refreshes"] == 1 and result.refresh["rows_refreshed"] == 16
     fresh = open_cache(root / "scores" / generations[0]["score_set"])
     assert len(fresh) == 16 and fresh.rollouts.meta["model_fingerprint"] != clean.meta["model_fingerprint"]
+
+
+@pytest.mark.slow
+def test_every_step_refresh_resamples_each_steps_rows_as_they_are_read(pool, root, tmp_path):
+    """Standard online OPD (`every_step`): the rows of each step are re-sampled at that step, before training on
+    them; the refresh's seconds are timed apart from reading the data."""
+    prompts = [asdict(p) for p in words.make_prompts("test", 16)]
+    clean, _ = rollout(TEACHER, prompts, SamplingConfig(n=1, max_tokens=10, seed=3), root=root, llm=pool.get(TEACHER),
+                       quiet=True)
+    scored = score(TEACHER, clean, ScoreConfig(k=8, rows_per_shard=16), root=root, llm=pool.get(TEACHER), quiet=True)
+    config = TrainConfig(loss="rkl_topk", lr=1e-9, batch_size=8, steps=2, seed=0, log_every=1,
+                         refresh={"every_step": True})
+    train(TEACHER, open_cache(scored.path), config, tmp_path / "ckpt", quiet=True, root=root,
+          refresh_context=RefreshContext(TEACHER, pool, root, "every-step-test"))
+    generations = json.loads((tmp_path / "ckpt" / "refresh" / "generations.json").read_text())
+    assert [(g["step"], g["rows"]) for g in generations] == [(1, 8), (2, 8)]
+    rows = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["refreshes"] for r in rows] == [1, 2] and all(r["time/refresh"] > 0 for r in rows)

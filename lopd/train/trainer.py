@@ -12,10 +12,11 @@ import math
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -26,7 +27,7 @@ from lopd.errors import LopdError
 from lopd.faults import crash_point
 from lopd.fingerprint import model_fingerprint
 from lopd.losses import get_loss
-from lopd.losses.base import LossInputs, LossSpec
+from lopd.losses.base import LossInputs, LossOutput, LossSpec
 from lopd.losses.student import StudentLogprobs, StudentRequest
 from lopd.models.guards import check_training_inputs
 from lopd.models.lineage import read_lineage, write_lineage
@@ -274,8 +275,8 @@ def train(
 def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_dir: Path, batches, quiet,
            deepspeed, attached: dict[str, ScoreCache], refresh_context: RefreshContext | None, checkpoints: Checkpoints,
            resume: Path | None, attempt: Attempt | None) -> TrainResult:
-    """The training loop proper (every rank runs it; rank 0 also writes metrics and the checkpoint, and keeps the
-    `attempt`'s heartbeat)."""
+    """Set up the engine, data and outputs, run the step loop (`TrainLoop.run`), save the model. Every rank runs it;
+    rank 0 also writes metrics and the checkpoint, and keeps the `attempt`'s heartbeat."""
     from transformers import AutoTokenizer
 
     torch.manual_seed(config.seed)
@@ -300,7 +301,6 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     token_filter = alignment.build_token_filter(config.token_filter, source, spec, loss_args, config.token_filter_signal)
     drift = ShardDrift(source.manifest["rows_per_shard"] if isinstance(source, ScoreCache) else 1 << 62)
     refresher = None
-    step = start_step
     if batches is not None:
         stream = in_steps(batches(engine.module.lm), accumulation)
     else:
@@ -311,11 +311,10 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
             refresher = Refresher(source, dataset, refresh_context, out_dir / "refresh")
         before = None
         if refresher is not None and policy.every_step:
-            before = lambda rows: refresher.refresh(list(rows), engine.module.lm, tokenizer, step)  # noqa: E731
+            before = lambda rows: loop.refresh_rows(rows)  # called in the loop, once `loop` exists
         stream = offline_batches(dataset, config, micro, accumulation, pad_id, before,
                                  grouped="group_ids" in spec.needs, skip=state.get("micro_batches", 0))
 
-    student_request = spec.student_request(loss_args)
     is_main = distributed.rank() == 0
     if is_main:
         checkpoints.clear_partial()
@@ -326,119 +325,279 @@ def _train(student, source, config: TrainConfig, spec: LossSpec, loss_args, out_
     drift_file = (out_dir / "drift.jsonl").open(mode) if is_main and isinstance(source, ScoreCache) else None
     report_id = state.get("report_id") or uuid.uuid4().hex[:16]  # one W&B run across the attempts of a run
     reporter = Reporter(config.report_to, out_dir, config, report_id, start_step) if is_main else None
-    start = time.perf_counter() - state.get("seconds", 0.0)
-    tokens_seen = state.get("tokens", 0)
-    window: dict[str, list[float]] = state.get("window", {})
-    skipped = state.get("nonfinite_skipped", 0)
-    consumed = state.get("micro_batches", 0)  # micro-batches read so far: where a resumed run's data continues
     if state:
         restore_loop_state(state, drift, refresher, batches)
         restore_rng(state["rng"])
     if attempt is not None:
-        attempt.resumed(start_step, tokens_seen)
-    last: dict[str, float] = {}
+        attempt.resumed(start_step, state.get("tokens", 0))
     engine.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.loss}", unit="step",
-               disable=quiet or not is_main)
-    for step in range(start_step + 1, total_steps + 1):
-        nonfinite = None  # the message for this step's first NaN/inf loss or gradient norm
-        step_tokens = 0
-        micro_batches = next(stream)
-        consumed += len(micro_batches)
-        weights = step_weights(micro_batches, config)
-        padded = micro_batches + micro_batches[-1:] * (len(weights) - len(micro_batches))
-        for index, (batch, weight) in enumerate(zip(padded, weights)):
-            batch = batch.to(engine.device)
-            request = replace(student_request, topk_overlap=topk_width(batch))
-            inputs = batch.loss_inputs(engine(batch, request))
-            filtered_inputs = inputs  # drift metrics below keep every token; only the loss sees the filter
-            if token_filter is not None:
-                filtered_inputs, filtered = filter_tokens(token_filter, engine.module, batch, inputs)
-                for key, value in filtered.items():
-                    window.setdefault(key, []).append(value)
-            out = spec.fn(filtered_inputs, **loss_args)
-            if config.max_tokens_per_micro_batch:
-                engine.backward(out.loss * weight, scale_wrt_gas=False)
-            else:
-                engine.backward(out.loss)
-                engine.step()
-            if index >= len(micro_batches):  # lockstep padding (weight 0): nothing trained, nothing to count
-                continue
-            step_tokens += batch.num_tokens
-            drift.add(token_drift(untempered(inputs, engine.module, batch), policy.band),
-                      batch.rows if batch.rows is not None else torch.zeros(len(batch.input_ids), dtype=torch.long))
-            loss = out.loss.item()
-            if not math.isfinite(loss):
-                nonfinite = nonfinite or nonfinite_message(step, config.loss, "loss", batch)
-                continue
-            for key, value in {"loss": loss, **out.metrics}.items():
-                window.setdefault(key, []).append(value)
-        if config.max_tokens_per_micro_batch:
-            engine.step()  # the step's one accumulation boundary
-        grad_norm = engine.get_global_grad_norm()  # None under ZeRO-0 in fp32, which computes none
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            nonfinite = nonfinite or nonfinite_message(step, config.loss, "gradient norm", None)
-        if nonfinite is not None:  # DeepSpeed has dropped the update (its overflow check)
-            if not config.skip_nonfinite:
-                bar.close()
-                raise LopdError(nonfinite)
-            skipped += 1
-        else:
-            tokens_seen += step_tokens
-            if grad_norm is not None:
-                window.setdefault("grad_norm", []).append(float(grad_norm))
-        if refresher is not None and not policy.every_step and step % policy.check_every == 0:
-            stale = policy.stale(drift)
-            if stale:
-                if drift_file:
-                    drift_file.write(json.dumps({"step": step, "refresh": stale, "shards": {
-                        s: drift.shards[s].summary() for s in stale}}) + "\n")
-                refresher.refresh(refresher.shard_rows(stale), engine.module.lm, tokenizer, step, stale)
-                drift.reset(stale)
-        if step % config.log_every == 0 or step == total_steps:
-            elapsed = time.perf_counter() - start
-            last = {k: sum(v) / len(v) for k, v in window.items()}
-            last.update(drift.overall.summary())
-            drift.overall = DriftStats()
-            window.clear()
-            record = {"step": step, **{k: round(v, 6) for k, v in last.items()},
-                      "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / elapsed, 1),
-                      "lr": scheduler.get_last_lr()[0], **(refresher.summary() if refresher else {})}
-            if config.skip_nonfinite:
-                record["nonfinite_skipped"] = skipped
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                reporter.log(step, record)
-                attempt.alive(step)
-            if drift_file:
-                drift_file.write(json.dumps({"step": step, "shards": {
-                    s: d.summary() for s, d in sorted(drift.shards.items())}}) + "\n")
-                drift_file.flush()
-            postfix = {"loss": f"{last.get('loss', math.nan):.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
-            if "kl" in last:
-                postfix.update(kl=f"{last['kl']:.3f}", w=f"{last['importance_weight']:.3f}")
-            if refresher:
-                postfix["refreshes"] = len(refresher.generations)
-            bar.set_postfix(postfix)
-        bar.update(1)
-        if step == total_steps or (config.save_every and step % config.save_every == 0):
-            checkpoints.save(engine, step, loop_state(
-                micro_batches=consumed, tokens=tokens_seen, seconds=time.perf_counter() - start,
-                window=window, skipped=skipped, drift=drift, refresher=refresher, live=batches, report_id=report_id))
-            if attempt is not None:
-                attempt.checkpointed(step, tokens_seen)
-        crash_point("train_step")
-    bar.close()
-    seconds = time.perf_counter() - start
+    loop = TrainLoop(
+        config=config, spec=spec, loss_args=loss_args, policy=policy, engine=engine, scheduler=scheduler,
+        tokenizer=tokenizer, stream=stream, student_request=spec.student_request(loss_args),
+        token_filter=token_filter, drift=drift, refresher=refresher, live=batches, checkpoints=checkpoints,
+        attempt=attempt, metrics_file=metrics_file, drift_file=drift_file, reporter=reporter,
+        bar=tqdm(total=total_steps, initial=start_step, desc=f"train {config.loss}", unit="step",
+                 disable=quiet or not is_main),
+        total_steps=total_steps, report_id=report_id, step=start_step, logged=start_step,
+        start=time.perf_counter() - state.get("seconds", 0.0), tokens_seen=state.get("tokens", 0),
+        consumed=state.get("micro_batches", 0), skipped=state.get("nonfinite_skipped", 0),
+        window=state.get("window", {}))
+    loop.run()
+    seconds = time.perf_counter() - loop.start
     for f in (metrics_file, drift_file, reporter):
         if f:
             f.close()
     save_checkpoint(engine, tokenizer, out_dir, config, student, source)
     if attempt is not None:
-        attempt.finished(tokens_seen)
-    return TrainResult(out_dir, total_steps, tokens_seen, seconds, last, refresher.summary() if refresher else {},
-                       start_step)
+        attempt.finished(loop.tokens_seen)
+    return TrainResult(out_dir, total_steps, loop.tokens_seen, seconds, loop.last,
+                       refresher.summary() if refresher else {}, start_step)
+
+
+PHASES = ("data", "refresh", "forward_backward", "step", "checkpoint")
+"""The timed phases of a training step; each metrics row reports `time/<phase>`."""
+
+
+class Phases:
+    """Wall seconds spent in each phase of the step loop since the last metrics row: where a step's time goes
+    (reading data, refreshing the cache, the model, the optimizer, checkpoints) without a profiler. A phase timed
+    inside another counts to the inner one alone (the every-step refresh runs while the data loader reads a
+    micro-batch; DeepSpeed steps the optimizer inside each fixed-size micro-batch), so the phases add up to the
+    loop's time."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.open: list[list[float]] = []  # [start, seconds of phases nested in it] of each phase being timed
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        frame = [time.perf_counter(), 0.0]
+        self.open.append(frame)
+        try:
+            yield
+        finally:
+            self.open.pop()
+            elapsed = time.perf_counter() - frame[0]
+            self.seconds[name] += elapsed - frame[1]
+            if self.open:
+                self.open[-1][1] += elapsed
+
+    def row(self, steps: int) -> dict[str, float]:
+        """Each phase's mean seconds per step over the `steps` steps since the last row; the count starts over."""
+        row = {f"time/{name}": round(seconds / steps, 6) for name, seconds in self.seconds.items()}
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        return row
+
+
+@dataclass
+class StepOutcome:
+    """What a step's micro-batches leave for its update: their tokens, and the message for its first NaN/inf loss."""
+    tokens: int = 0
+    nonfinite: str | None = None
+
+
+@dataclass
+class TrainLoop:
+    """The step loop and the state it carries from step to step (the data position, token and skip counts, the
+    metric window: what a checkpoint saves besides the engine). `run` reads as the recipe; each concern is a method."""
+    config: TrainConfig
+    spec: LossSpec
+    loss_args: dict[str, Any]
+    policy: RefreshPolicy
+    engine: Any  # DeepSpeed's engine around the StudentHead
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tokenizer: Any
+    stream: Iterator[list[Batch]]  # optimizer steps, each a list of micro-batches
+    student_request: StudentRequest
+    token_filter: alignment.AlignedTokenFilter | None
+    drift: ShardDrift
+    refresher: Refresher | None
+    live: Any  # the live batch source (online baseline), whose state checkpoints keep; None offline
+    checkpoints: Checkpoints
+    attempt: Attempt | None
+    metrics_file: IO[str] | None  # rank 0 only, like drift_file and reporter
+    drift_file: IO[str] | None
+    reporter: Reporter | None
+    bar: tqdm
+    total_steps: int
+    report_id: str
+    step: int  # the step being trained
+    logged: int  # the step of the last metrics row
+    start: float  # perf_counter() at the start of the run, earlier attempts' seconds included
+    tokens_seen: int
+    consumed: int  # micro-batches read so far: where a resumed run's data continues
+    skipped: int  # steps dropped as non-finite (--skip-nonfinite)
+    window: dict[str, list[float]]  # metric values since the last row
+    last: dict[str, float] = field(default_factory=dict)  # the last row's window means
+    timed: Phases = field(default_factory=Phases)
+
+    def run(self) -> None:
+        """The recipe: each step reads its micro-batches, trains on them, updates the weights, refreshes stale cache
+        shards, logs and checkpoints, every phase timed into the metrics."""
+        for step in range(self.step + 1, self.total_steps + 1):
+            self.step = step
+            with self.timed("data"):
+                micro_batches = self.next_step()
+            with self.timed("forward_backward"):
+                outcome = self.forward_backward(micro_batches)
+            with self.timed("step"):
+                self.optimizer_step(outcome)
+            with self.timed("refresh"):
+                self.maybe_refresh()
+            self.log_metrics()
+            with self.timed("checkpoint"):
+                self.maybe_checkpoint()
+            crash_point("train_step")
+        self.bar.close()
+
+    def next_step(self) -> list[Batch]:
+        """The step's micro-batches, counted so that a resumed run's data continues after them."""
+        micro_batches = next(self.stream)
+        self.consumed += len(micro_batches)
+        return micro_batches
+
+    def refresh_rows(self, rows: list[int]) -> None:
+        """The every-step refresh: re-sample and re-score exactly the rows about to be trained on, as the data loader
+        reads them (HookedBatchSampler)."""
+        with self.timed("refresh"):
+            self.refresher.refresh(list(rows), self.engine.module.lm, self.tokenizer, self.step)
+
+    def forward_backward(self, micro_batches: list[Batch]) -> StepOutcome:
+        """Forward and backward of each micro-batch, plus the zero-weight repeats that keep ranks in lockstep
+        (`step_weights`); only the real micro-batches count their tokens, drift and metrics."""
+        outcome = StepOutcome()
+        weights = step_weights(micro_batches, self.config)
+        padded = micro_batches + micro_batches[-1:] * (len(weights) - len(micro_batches))
+        for index, (batch, weight) in enumerate(zip(padded, weights)):
+            batch = batch.to(self.engine.device)
+            inputs, out = self.backward(batch, weight)
+            if index < len(micro_batches):
+                self.count(batch, inputs, out, outcome)
+        return outcome
+
+    def backward(self, batch: Batch, weight: float) -> tuple[LossInputs, LossOutput]:
+        """One micro-batch's loss and backward; returns the unfiltered inputs (drift keeps every token, only the loss
+        sees the token filter) and the loss. A token-budget step weights each loss and steps once at its end
+        (`optimizer_step`); fixed micro-batches step DeepSpeed after each backward, which updates at its
+        accumulation boundary."""
+        request = replace(self.student_request, topk_overlap=topk_width(batch))
+        inputs = batch.loss_inputs(self.engine(batch, request))
+        filtered_inputs = inputs
+        if self.token_filter is not None:
+            filtered_inputs, filtered = filter_tokens(self.token_filter, self.engine.module, batch, inputs)
+            for key, value in filtered.items():
+                self.add(key, value)
+        out = self.spec.fn(filtered_inputs, **self.loss_args)
+        if self.config.max_tokens_per_micro_batch:
+            self.engine.backward(out.loss * weight, scale_wrt_gas=False)
+        else:
+            self.engine.backward(out.loss)
+            with self.timed("step"):
+                self.engine.step()
+        return inputs, out
+
+    def count(self, batch: Batch, inputs: LossInputs, out: LossOutput, outcome: StepOutcome) -> None:
+        """A trained micro-batch's tokens, its drift from the behaviour policy (untempered), and its loss metrics,
+        unless the loss is NaN/inf: then the step's first such loss is what `optimizer_step` reports."""
+        outcome.tokens += batch.num_tokens
+        self.drift.add(token_drift(untempered(inputs, self.engine.module, batch), self.policy.band),
+                       batch.rows if batch.rows is not None else torch.zeros(len(batch.input_ids), dtype=torch.long))
+        loss = out.loss.item()
+        if not math.isfinite(loss):
+            outcome.nonfinite = outcome.nonfinite or nonfinite_message(self.step, self.config.loss, "loss", batch)
+            return
+        for key, value in {"loss": loss, **out.metrics}.items():
+            self.add(key, value)
+
+    def optimizer_step(self, outcome: StepOutcome) -> None:
+        """End the step: a token-budget step's one accumulation boundary, then the non-finite check. DeepSpeed drops
+        an update whose gradient is not finite (its overflow check), so a NaN/inf loss or gradient norm must not
+        pass silently: it stops the run with its cause, or is counted under --skip-nonfinite. Only finite steps
+        count their tokens and gradient norm."""
+        if self.config.max_tokens_per_micro_batch:
+            self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO-0 in fp32, which computes none
+        nonfinite = outcome.nonfinite
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            nonfinite = nonfinite or nonfinite_message(self.step, self.config.loss, "gradient norm", None)
+        if nonfinite is not None:
+            if not self.config.skip_nonfinite:
+                self.bar.close()
+                raise LopdError(nonfinite)
+            self.skipped += 1
+            return
+        self.tokens_seen += outcome.tokens
+        if grad_norm is not None:
+            self.add("grad_norm", float(grad_norm))
+
+    def maybe_refresh(self) -> None:
+        """The threshold refresh, every `check_every` steps: re-roll and re-score the shards whose drift crossed the
+        policy's thresholds (noting which, and why, in drift.jsonl) and restart their drift sums."""
+        if self.refresher is None or self.policy.every_step or self.step % self.policy.check_every:
+            return
+        stale = self.policy.stale(self.drift)
+        if not stale:
+            return
+        if self.drift_file:
+            self.drift_file.write(json.dumps({"step": self.step, "refresh": stale, "shards": {
+                s: self.drift.shards[s].summary() for s in stale}}) + "\n")
+        self.refresher.refresh(self.refresher.shard_rows(stale), self.engine.module.lm, self.tokenizer, self.step,
+                               stale)
+        self.drift.reset(stale)
+
+    def log_metrics(self) -> None:
+        """Every `log_every` steps and at the last: the window's means, drift, throughput, learning rate, refresh
+        totals and phase times as a metrics.jsonl row (and to the reporting backend), each shard's drift as a
+        drift.jsonl row, the progress bar's numbers and the attempt's heartbeat."""
+        if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+            self.write_row()
+        self.bar.update(1)
+
+    def write_row(self) -> None:
+        """The row of `log_metrics`; the window and overall drift start over."""
+        elapsed = time.perf_counter() - self.start
+        self.last = {k: sum(v) / len(v) for k, v in self.window.items()}
+        self.last.update(self.drift.overall.summary())
+        self.drift.overall = DriftStats()
+        self.window.clear()
+        record = {"step": self.step, **{k: round(v, 6) for k, v in self.last.items()},
+                  "tokens": self.tokens_seen, "tokens_per_s": round(self.tokens_seen / elapsed, 1),
+                  "lr": self.scheduler.get_last_lr()[0], **(self.refresher.summary() if self.refresher else {}),
+                  **self.timed.row(self.step - self.logged)}
+        self.logged = self.step
+        if self.config.skip_nonfinite:
+            record["nonfinite_skipped"] = self.skipped
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+            self.reporter.log(self.step, record)
+            self.attempt.alive(self.step)
+        if self.drift_file:
+            self.drift_file.write(json.dumps({"step": self.step, "shards": {
+                s: d.summary() for s, d in sorted(self.drift.shards.items())}}) + "\n")
+            self.drift_file.flush()
+        postfix = {"loss": f"{self.last.get('loss', math.nan):.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+        if "kl" in self.last:
+            postfix.update(kl=f"{self.last['kl']:.3f}", w=f"{self.last['importance_weight']:.3f}")
+        if self.refresher:
+            postfix["refreshes"] = len(self.refresher.generations)
+        self.bar.set_postfix(postfix)
+
+    def maybe_checkpoint(self) -> None:
+        """A resumable checkpoint every `save_every` steps and at the last: the engine plus what this loop needs to
+        continue exactly (lopd.train.checkpoint.loop_state)."""
+        if not (self.step == self.total_steps or (self.config.save_every and self.step % self.config.save_every == 0)):
+            return
+        self.checkpoints.save(self.engine, self.step, loop_state(
+            micro_batches=self.consumed, tokens=self.tokens_seen, seconds=time.perf_counter() - self.start,
+            window=self.window, skipped=self.skipped, drift=self.drift, refresher=self.refresher, live=self.live,
+            report_id=self.report_id))
+        if self.attempt is not None:
+            self.attempt.checkpointed(self.step, self.tokens_seen)
+
+    def add(self, key: str, value: float) -> None:
+        """One value of a metric for the window that the next row averages."""
+        self.window.setdefault(key, []).append(value)
 
 
 def step_weights(micro_batches: list[Batch], config: TrainConfig) -> list[float]:
