@@ -2,6 +2,7 @@
 
     python tools/build_toy_models.py              # writes lopd/toy/assets/ (about 12 minutes on 2 CPU cores)
     python tools/build_toy_models.py --world calc # the calculator (tool-use) teacher: assets/calc_teacher
+    python tools/build_toy_models.py --world words-b  # a second words teacher (another seed): assets/teacher_b
 
 The teacher (Qwen2, 4 layers, hidden 128, head_dim 32) is trained with plain PyTorch until it completes
 most held-out prefixes into valid dictionary words at temperature 1. The student base (Qwen2, 2 layers,
@@ -251,6 +252,21 @@ def build_words(args) -> None:
     print(json.dumps({k: v for k, v in report["teacher"].items() if k != "history"}))
 
 
+def build_teacher_b(args) -> None:
+    """A second words teacher for the teacher-consistency experiment (arXiv 2604.13010's claim that OPD from a
+    teacher other than the SFT data's is worse): same dictionary, tokenizer, architecture, steps and target as
+    `teacher`, another seed (--seed + 1), so the two are of equal quality and differ only in what they learned."""
+    out: Path = args.out
+    dictionary = (out / "words.txt").read_text().split()
+    tok = build_char_tokenizer()
+    shutil.rmtree(out / "teacher_b", ignore_errors=True)
+    report = train_teacher(tok, dictionary, out / "teacher_b", args.max_steps or 4000, args.target or 0.95,
+                           args.seed + 1)
+    finish_model_dir(tok, out / "teacher_b")
+    update_report(out / "build_report.json", {"teacher_b": report})
+    print(json.dumps({k: v for k, v in report.items() if k != "history"}))
+
+
 def build_calc(args) -> None:
     """The calculator world's teacher only: it shares the tokenizer and the student base with the words world."""
     out: Path = args.out
@@ -264,8 +280,10 @@ def build_calc(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", choices=["words", "calc"], default="words",
-                    help="words: dictionary, tokenizer, teacher and student base; calc: the calculator teacher")
+    ap.add_argument("--world", choices=["words", "words-b", "calc"], default="words",
+                    help="words: dictionary, tokenizer, teacher and student base; words-b: a second words teacher "
+                         "(teacher_b, seed --seed + 1) for the teacher-consistency experiment; calc: the calculator "
+                         "teacher")
     ap.add_argument("--out", type=Path, default=ASSETS)
     ap.add_argument("--dictionary-size", type=int, default=800)
     ap.add_argument("--max-steps", type=int, default=None, help="default 4000 (words), 700 (calc; the cosine schedule spans it)")
@@ -275,7 +293,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
-    (build_calc if args.world == "calc" else build_words)(args)
+    {"words": build_words, "words-b": build_teacher_b, "calc": build_calc}[args.world](args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from lopd.train.online import OnlineSampler
 from lopd.train.refresh import RefreshContext
 from lopd.train.trainer import TrainConfig, train
 
-TOY_MODELS = {"toy:teacher": "TEACHER_DIR", "toy:student_base": "STUDENT_BASE_DIR", "toy:calc_teacher": "CALC_TEACHER_DIR"}
+TOY_MODELS = {"toy:teacher": "TEACHER_DIR", "toy:teacher_b": "TEACHER_B_DIR", "toy:student_base": "STUDENT_BASE_DIR",
+              "toy:calc_teacher": "CALC_TEACHER_DIR"}
 
 
 def pick(cls, params: dict[str, Any]):
