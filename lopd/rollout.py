@@ -236,6 +236,7 @@ def generate(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, veri
     `verify` is given), none longer than the context allows. Used by `lopd rollout` and `lopd eval`."""
     from vllm import SamplingParams
 
+    sampling = sampling.within(running_context(engine))
     params = SamplingParams(
         n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
         logprobs=0, flat_logprobs=True,
@@ -243,7 +244,7 @@ def generate(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, veri
     per_request = seeded(params, sampling.seed, len(prompt_ids))
     room = running_context(engine) - SCORING_ROOM
     for p, ids in zip(per_request, prompt_ids):
-        p.max_tokens = min(p.max_tokens or room, room - len(ids))
+        p.max_tokens = min(p.max_tokens, room - len(ids))
     outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], per_request, use_tqdm=not quiet)
 
     samples: list[Trajectory] = []
@@ -309,6 +310,7 @@ def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list
     """
     from vllm import SamplingParams
 
+    sampling = sampling.within(running_context(engine))
     n = sampling.n
     base = SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=1,
                           stop=list(env.stop), include_stop_str_in_output=True,
@@ -322,7 +324,7 @@ def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list
         batch, params = [], []
         for r in active:
             context = requests[r][1] + out[r].response_ids
-            budget = (sampling.max_tokens or max_len) - len(out[r].response_ids)
+            budget = sampling.max_tokens - len(out[r].response_ids)
             budget = min(budget, max_len - len(context))
             if budget <= 0:
                 out[r].finish_reason = "length"
@@ -360,7 +362,7 @@ def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list
                 continue
             t.calls += 1
             obs_ids = list(tokenizer(observation, add_special_tokens=False)["input_ids"])
-            room = (sampling.max_tokens or max_len) - len(t.response_ids)
+            room = sampling.max_tokens - len(t.response_ids)
             room = min(room, max_len - len(requests[r][1]) - len(t.response_ids))
             t.response_ids += obs_ids[: max(room, 0)]
             t.logprobs += [0.0] * min(len(obs_ids), max(room, 0))
