@@ -28,6 +28,12 @@ F64 = torch.float64
 def make_batch(seed: int = 0, k: int = K, teacher_is_student: bool = False, spread: float = 2.5) -> LossInputs:
     """Random tiny batch. The teacher is the student's logits plus noise of a per-position random scale
     (so divergences range from tiny to large); its top-k is the true top-k of that teacher."""
+    return batch_and_teacher(seed, k, teacher_is_student, spread)[0]
+
+
+def batch_and_teacher(seed: int, k: int, teacher_is_student: bool = False,
+                      spread: float = 2.5) -> tuple[LossInputs, torch.Tensor]:
+    """`make_batch`'s batch and the teacher's full-vocabulary log-probs [B, T, V] it was cut from."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, T, V, generator=g, dtype=F64) * 1.5
     tokens = torch.randint(0, V, (B, T), generator=g)
@@ -50,7 +56,7 @@ def make_batch(seed: int = 0, k: int = K, teacher_is_student: bool = False, spre
         topk_ids=topk_ids,
         topk_logprobs=topk_logprobs,
         base_logprobs=student_token + torch.randn(B, T, generator=g, dtype=F64),
-    )
+    ), teacher_full
 
 
 def for_request(inp: LossInputs, request: StudentRequest) -> LossInputs:
@@ -440,3 +446,34 @@ def test_lightning_zero_advantage_when_teacher_is_student():
     out, grad = run_loss("lightning", {}, inp)
     assert out.metrics["advantage"] == pytest.approx(0.0, abs=1e-12)
     assert torch.count_nonzero(grad.abs() > 1e-12) == 0
+
+
+# ------------------------------------------------------------------------------------- study metrics
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lightning_reports_the_advantage_mean_and_variance(seed: int):
+    """The per-token advantage clip(log pi_T - log pi_theta) over kept tokens, its mean and population variance."""
+    inp = make_batch(seed)
+    out, _ = run_loss("lightning", {"clip": 1.0}, inp)
+    advantages = [clamp(gap(inp, b, t), 1.0) for b, t in positions(inp)]
+    mean = sum(advantages) / len(advantages)
+    assert out.metrics["advantage"] == pytest.approx(mean, rel=1e-9)
+    assert out.metrics["advantage_var"] == pytest.approx(sum((a - mean) ** 2 for a in advantages) / len(advantages),
+                                                         rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, K])
+def test_teacher_kl_is_the_tail_bucket_kl_and_bounds_the_full_kl(k: int):
+    """The training metric `teacher_kl`: KL(student || teacher) over the teacher's top-k plus one tail bucket, which
+    never exceeds the full-vocabulary reverse KL (coarse-graining loses information), for any k including 1."""
+    from lopd.losses.topk import teacher_kl
+
+    inp, teacher = batch_and_teacher(0, k, spread=1.0)
+    keep = positions(inp)
+    expected = ref_mean(keep, lambda b, t: ref_kl(*ref_support(inp, b, t, tail=True)))
+    assert teacher_kl(inp).item() == pytest.approx(expected.item(), rel=1e-9)
+    student = torch.log_softmax(inp.student.logits.detach(), dim=-1)
+    full = ref_mean(keep, lambda b, t: (student[b, t].exp() * (student[b, t] - teacher[b, t])).sum())
+    assert 0.0 < teacher_kl(inp).item() <= full.item()
+    assert not teacher_kl(inp).requires_grad

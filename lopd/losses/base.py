@@ -168,6 +168,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def masked_variance(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-level (population) variance over the positions the mask keeps: how noisy a per-token signal is."""
+    return masked_mean((values - masked_mean(values, mask)) ** 2, mask)
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least float32: bf16/fp16 log-probs lose too much, while float64 (tests) is kept as is."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()

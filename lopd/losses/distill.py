@@ -9,6 +9,7 @@ from lopd.losses.base import (
     LossOutput,
     keep_top_fraction,
     masked_mean,
+    masked_variance,
     register_loss,
     require_fields,
 )
@@ -52,7 +53,8 @@ def lightning(
     """
     logp = inp.student.token_logprobs()
     advantage = pg.apply_baseline(pg.opd_advantage(inp.teacher_logprobs, logp, clip), inp.mask, baseline)
-    metrics = {"advantage": masked_mean(advantage, inp.mask).item()}
+    metrics = {"advantage": masked_mean(advantage, inp.mask).item(),
+               "advantage_var": masked_variance(advantage, inp.mask).item()}
     if not (importance_ratio or ppo_clip > 0):
         per_token = advantage * logp
     else:

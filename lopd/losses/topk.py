@@ -80,6 +80,16 @@ def topk_support(inp: LossInputs, tail: bool = False, temperature: float = 1.0) 
     return renormalise(student), renormalise(teacher / temperature)
 
 
+def teacher_kl(inp: LossInputs) -> torch.Tensor:
+    """Token-mean KL(student || teacher) on the tail-bucket support, without grad: a training metric.
+
+    The K + 1 bucket pair coarse-grains the full vocabulary, so this is a lower bound on the full-vocabulary
+    reverse KL that any top-k cache (even K = 1) can report, whatever loss is being trained.
+    """
+    with torch.no_grad():
+        return masked_mean(reverse_kl(*topk_support(inp, tail=True)), inp.mask)
+
+
 def topk_tail_entropy(logprobs: torch.Tensor) -> torch.Tensor:
     """Entropy of a top-k distribution whose missing mass is treated as one bucket: [B, T, K] -> [B, T].
 

@@ -29,6 +29,7 @@ from lopd.fingerprint import model_fingerprint
 from lopd.losses import get_loss
 from lopd.losses.base import LossInputs, LossOutput, LossSpec
 from lopd.losses.student import StudentLogprobs, StudentRequest
+from lopd.losses.topk import teacher_kl
 from lopd.models.guards import check_training_inputs
 from lopd.models.lineage import read_lineage, write_lineage
 from lopd.models.loading import resolve_model
@@ -497,11 +498,15 @@ class TrainLoop:
         return inputs, out
 
     def count(self, batch: Batch, inputs: LossInputs, out: LossOutput, outcome: StepOutcome) -> None:
-        """A trained micro-batch's tokens, its drift from the behaviour policy (untempered), and its loss metrics,
-        unless the loss is NaN/inf: then the step's first such loss is what `optimizer_step` reports."""
+        """A trained micro-batch's tokens, its drift from the behaviour policy (untempered), its KL to the teacher's
+        top-k (`teacher_kl`, whatever the loss, so every method's distance to the teacher is comparable) and its loss
+        metrics, unless the loss is NaN/inf: then the step's first such loss is what `optimizer_step` reports."""
         outcome.tokens += batch.num_tokens
-        self.drift.add(token_drift(untempered(inputs, self.engine.module, batch), self.policy.band),
+        plain = untempered(inputs, self.engine.module, batch)
+        self.drift.add(token_drift(plain, self.policy.band),
                        batch.rows if batch.rows is not None else torch.zeros(len(batch.input_ids), dtype=torch.long))
+        if topk_width(batch):
+            self.add("teacher_kl", teacher_kl(plain).item())
         loss = out.loss.item()
         if not math.isfinite(loss):
             outcome.nonfinite = outcome.nonfinite or nonfinite_message(self.step, self.config.loss, "loss", batch)
