@@ -17,9 +17,8 @@ from types import ModuleType
 
 import click
 import pytest
+from documented import README, ROOT, documented_commands
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
 SETUP_COMMANDS = [
     ("bash tools/setup.sh && .venv/bin/lopd demo              # install (CPU stack, ~3 min) and run the end-to-end "
      "demo (~10-14 min on 2 cores)"),
@@ -110,39 +109,15 @@ def test_links_outside_the_book_resolve(page):
         assert path.is_relative_to(ROOT), target
 
 
-FENCE = re.compile(r"^```[a-z]*\n(.*?)^```", re.M | re.S)
-ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
-
-
-def documented_commands() -> list[tuple[str, list[str]]]:
-    """Every `lopd ...` command line in a code block of the README or a docs page, as (where, argv after `lopd`).
-
-    Continuation lines are joined and comments dropped; leading `VAR=value` assignments are skipped; `[--opt x]`
-    (optional parts) are read as given; `lopd cache ls | show ID | ...` lists sibling subcommands."""
-    found = []
-    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
-        for block in FENCE.findall(page.read_text()):
-            for line in block.replace("\\\n", " ").splitlines():
-                words = re.split(r"\s+#\s", line, maxsplit=1)[0].replace("[", " ").replace("]", " ").split()
-                while words and ENV_ASSIGNMENT.match(words[0]):
-                    words = words[1:]
-                if not words or words[0].rsplit("/", 1)[-1] != "lopd":
-                    continue
-                parts = " ".join(words[1:]).split(" | ")
-                group = parts[0].split()[:1]
-                found.append((page.name, parts[0].split()))
-                found += [(page.name, group + part.split()) for part in parts[1:]]
-    return found
-
-
 def test_docs_show_commands():
     assert len(documented_commands()) >= 20
 
 
-@pytest.mark.parametrize("where,argv", documented_commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+@pytest.mark.parametrize("where,argv", [(command.page, command.argv) for command in documented_commands()],
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_every_documented_command_and_option_exists(where, argv):
     """The README and docs show commands that exist with options they take (checked against the click commands,
-    without running them: many need a GPU or a real model; the commands themselves are run by their own tests)."""
+    without running them; tests/test_docs_walkthrough.py runs every one not marked GPU-only)."""
     from lopd.cli import main
 
     command, path = main, ["lopd"]
