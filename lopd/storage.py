@@ -4,13 +4,19 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
 
+import click
+from fsspec.core import split_protocol
+
 from lopd.errors import LopdError
 
 ENV_ROOT = "LOPD_ROOT"
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+LOCAL_PROTOCOLS = (None, "file", "local")
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
@@ -31,10 +37,33 @@ def default_root() -> Path:
     return Path(cache).expanduser() / "lopd"
 
 
+def root_url(root: str | os.PathLike | None) -> str:
+    """The storage root for code that reaches it through fsspec: a URL given by `--root` or `$LOPD_ROOT`
+    (`s3://bucket/prefix`, `gs://...`, `file://...`) as given, less a trailing slash; else the local directory
+    path (not created). Read before any `Path`, which would fold the URL's `//` into one slash."""
+    given = str(root) if root else os.environ.get(ENV_ROOT, "")
+    if URL.match(given):
+        return given.rstrip("/")
+    return str(Path(given).expanduser() if given else default_root())
+
+
+def local_root(root: str | os.PathLike | None) -> Path | None:
+    """The root's directory on this machine (a plain path or a `file://` URL; not created), None for a bucket."""
+    protocol, path = split_protocol(root_url(root))
+    return Path(path) if protocol in LOCAL_PROTOCOLS else None
+
+
 def resolve_root(root: str | os.PathLike | None) -> Path:
-    path = Path(root).expanduser() if root else default_root()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The storage root as a local directory (created), for code that reaches it with POSIX calls; a bucket root is
+    refused in one line, since that code does not work on object storage yet."""
+    local = local_root(root)
+    if local is None:
+        context = click.get_current_context(silent=True)
+        who = context.command_path if context else "this lopd command"
+        raise LopdError(f"{who} does not yet accept a bucket root ({root_url(root)}); use a local path "
+                        "(only `lopd cost` and `lopd report --out FILE` read a bucket root so far)")
+    local.mkdir(parents=True, exist_ok=True)
+    return local
 
 
 def find_artifact(directory: Path, ref: str, marker: str, noun: str) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -122,31 +121,6 @@ def test_interrupted_and_killed_runs_are_recorded_as_killed_and_shown_apart(tmp_
     text = CliRunner().invoke(cost, ["--root", str(tmp_path)], catch_exceptions=False).output
     assert "runs that did not finish" in text
     assert len(read_rows(tmp_path)) == 3  # reaped once
-
-
-def _append_many(root: str, writer: int, count: int, start) -> None:
-    start.wait()  # every writer's first append hits the same fresh ledger at once
-    for i in range(count):
-        append_row(root, {"experiment": f"w{writer}", "stage": "train", "tokens": i, **CPU})
-
-
-@pytest.mark.parametrize("trial", range(3))
-def test_concurrent_writers_lose_no_rows(tmp_path: Path, trial: int):
-    # Released together on a ledger that does not exist yet, 8 writers made the WAL switch race ("database is
-    # locked" in 4 of 120 writers over 15 such runs before connection set-up took a file lock).
-    ctx = multiprocessing.get_context("spawn")
-    writers, count = 8, 100
-    start = ctx.Barrier(writers)
-    workers = [ctx.Process(target=_append_many, args=(str(tmp_path), w, count, start)) for w in range(writers)]
-    for p in workers:
-        p.start()
-    for p in workers:
-        p.join(timeout=120)
-        assert p.exitcode == 0
-    rows = read_rows(tmp_path)
-    assert len(rows) == writers * count and len({r["id"] for r in rows}) == writers * count
-    for w in range(writers):
-        assert sorted(r["tokens"] for r in rows if r["experiment"] == f"w{w}") == list(range(count))
 
 
 def test_amortisation_of_the_hand_computed_example(example_root: Path):

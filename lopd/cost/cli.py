@@ -12,14 +12,13 @@ import click
 from lopd.cost.amortize import GROUPINGS, VIEWS, amortize, experiment_accuracy
 from lopd.cost.report import load_rows, markdown_report, render_csv, render_text, summarize, unit_of, views_for
 from lopd.errors import LopdError
-from lopd.storage import resolve_root
+from lopd.storage import local_root, resolve_root, root_url
 
 root_option = click.option(
     "--root",
-    type=click.Path(file_okay=False),
     default=None,
-    help="Storage root holding ledger.sqlite (default: $LOPD_ROOT, else storage/ of a source checkout, else "
-    "~/.cache/lopd).",
+    help="Storage root holding the ledger: a directory or a bucket URL such as s3://bucket/prefix (default: "
+    "$LOPD_ROOT, else storage/ of a source checkout, else ~/.cache/lopd).",
 )
 
 
@@ -84,14 +83,17 @@ def cost(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Markdown file (default: <root>/report.md); its plot is written beside it as <name>.png.",
+    help="Markdown file (default: <root>/report.md; needed for a bucket root); its plot is written beside it as "
+    "<name>.png.",
 )
 def report(root: str | None, out: Path | None) -> None:
     """One Markdown page for a storage root: methods, accuracy, cost in both views, cache reuse."""
+    if out is None and local_root(root) is None:
+        raise LopdError(f"lopd report writes report.md into the storage root, and {root_url(root)} is a bucket; "
+                        "pass --out FILE")
+    out = out or resolve_root(root) / "report.md"
     rows = load_rows(root)
-    storage = resolve_root(root)
-    out = out or storage / "report.md"
     png = out.with_suffix(".png")
     _plot(rows, "shared", png)
-    out.write_text(markdown_report(storage, rows, png.name))
+    out.write_text(markdown_report(root_url(root), rows, png.name))
     click.echo(f"wrote {out} and {png}")

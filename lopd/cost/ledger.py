@@ -1,21 +1,21 @@
-"""Append-only cost ledger: one SQLite row per stage run, at `<root>/ledger.sqlite`.
+"""Append-only cost ledger: one row per stage run, stored as one object per row under `<root>/ledger/`.
 
-Stages of many experiments run as separate processes against one storage root, so the ledger must
-take concurrent appends without losing rows: SQLite in WAL mode with a busy timeout, and every row
-is a single INSERT in its own (autocommit) transaction. Switching a database to WAL needs an exclusive
-lock that SQLite does not always wait for (two processes creating the ledger at once got "database is
-locked" at once, busy timeout or not), so connection set-up is serialised with an `flock` on a sidecar
-`ledger.sqlite.lock`. Rows are never updated or deleted; views of
-cost (amortisation, reports) are computed from the rows on read.
+Stages of many experiments run as separate processes, on one machine or many, against one storage root that may
+be a bucket, so appends must not lose rows and need no lock: each row is its own immutable object
+(lopd.cost.store), and views of cost (amortisation, reports) are computed from the rows on read. Rows are never
+updated or deleted.
+
+Roots written before objects keep their rows in `<root>/ledger.sqlite` (SQLite with a `flock`ed set-up, unsafe on
+network filesystems and impossible on a bucket). That file is read in place, read-only, before the object rows,
+and never written again.
 
 Every row has an outcome (`extra["outcome"]`): ok, failed (the stage raised) or killed (interrupted by a
-signal). A stage killed with SIGKILL runs no code on its way out, so `record_stage` also keeps an open-run file
-under `<root>/ledger.open/` while the stage runs, touched every HEARTBEAT_S; the next ledger read or stage
-finds the files of processes that are gone and appends their rows as killed, ending at the last heartbeat.
+signal). A stage killed with SIGKILL runs no code on its way out, so on a local root `record_stage` also keeps an
+open-run file under `<root>/ledger.open/` while the stage runs, touched every HEARTBEAT_S; the next ledger read or
+stage finds the files of processes that are gone and appends their rows as killed, ending at the last heartbeat.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
@@ -23,43 +23,18 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from lopd.cost.store import get_rows, put_row
 from lopd.errors import LopdError
-from lopd.storage import resolve_root
+from lopd.storage import local_root, resolve_root
 
-LEDGER_NAME = "ledger.sqlite"
+LEGACY_LEDGER = "ledger.sqlite"
 OPEN_RUNS = "ledger.open"
-BUSY_TIMEOUT_S = 60.0
 HEARTBEAT_S = 15.0
 OUTCOMES = ("ok", "failed", "killed")
-
-# Column name -> SQL type, in table order. `inputs` and `extra` hold JSON text.
-COLUMNS: dict[str, str] = {
-    "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
-    "experiment": "TEXT NOT NULL",
-    "method": "TEXT NOT NULL",
-    "stage": "TEXT NOT NULL",
-    "artifact": "TEXT NOT NULL",
-    "inputs": "TEXT NOT NULL",
-    "started_at": "REAL NOT NULL",
-    "ended_at": "REAL NOT NULL",
-    "wall_seconds": "REAL NOT NULL",
-    "device_kind": "TEXT NOT NULL",
-    "device_count": "INTEGER NOT NULL",
-    "device_seconds": "REAL NOT NULL",
-    "tokens": "INTEGER NOT NULL",
-    "cache_hit": "INTEGER NOT NULL",
-    "extra": "TEXT NOT NULL",
-}
-_SCHEMA = f"CREATE TABLE IF NOT EXISTS stages ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})"
-_DATA_COLUMNS = tuple(c for c in COLUMNS if c != "id")
-_INSERT = f"INSERT INTO stages ({', '.join(_DATA_COLUMNS)}) VALUES ({', '.join('?' * len(_DATA_COLUMNS))})"
-
-
-def ledger_path(root: str | os.PathLike | None) -> Path:
-    return resolve_root(root) / LEDGER_NAME
+FIELDS = ("experiment", "method", "stage", "artifact", "inputs", "started_at", "ended_at", "wall_seconds",
+          "device_kind", "device_count", "device_seconds", "tokens", "cache_hit", "extra")
 
 
 @lru_cache(maxsize=1)
@@ -78,25 +53,11 @@ def detect_devices() -> tuple[str, int]:
     return "cpu", cores or torch.get_num_threads()
 
 
-@contextmanager
-def _connect(path: Path) -> Iterator[sqlite3.Connection]:
-    # isolation_level=None: autocommit, so each INSERT is its own transaction and no lock is held
-    # between statements.
-    with closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as con:
-        con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        with open(path.with_name(path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            con.execute("PRAGMA journal_mode = WAL")
-            con.execute(_SCHEMA)
-        con.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives process crashes
-        yield con
-
-
 def _normalise(row: Mapping[str, Any]) -> dict[str, Any]:
     """Fill defaults and derived fields of an explicit row; reject what would corrupt the ledger."""
-    unknown = sorted(set(row) - set(_DATA_COLUMNS))
+    unknown = sorted(set(row) - set(FIELDS))
     if unknown:
-        raise LopdError(f"unknown ledger field {unknown[0]!r}; fields are {', '.join(_DATA_COLUMNS)}")
+        raise LopdError(f"unknown ledger field {unknown[0]!r}; fields are {', '.join(FIELDS)}")
     for key in ("experiment", "stage"):
         if not isinstance(row.get(key), str) or not row[key]:
             raise LopdError(f"ledger row needs a non-empty {key!r} string")
@@ -140,36 +101,45 @@ def _normalise(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def append_row(root: str | os.PathLike | None, row: Mapping[str, Any]) -> dict[str, Any]:
-    """Append one row and return it as stored (with its `id`).
+    """Append one row and return it as stored (with its string `id`).
 
     Required: `experiment`, `stage`. Of started_at / ended_at / wall_seconds, missing ones follow
     from the others (wall 0 and "ended now" when absent); missing devices are `detect_devices()`;
     missing `device_seconds` is wall x device_count, and a cache hit is always 0.
     """
     stored = _normalise(row)
-    encoded = stored | {
-        "inputs": json.dumps(stored["inputs"]),
-        "extra": json.dumps(stored["extra"], sort_keys=True, default=str),
-        "cache_hit": int(stored["cache_hit"]),
-    }
-    with _connect(ledger_path(root)) as con:
-        stored["id"] = con.execute(_INSERT, [encoded[c] for c in _DATA_COLUMNS]).lastrowid
+    stored["id"] = put_row(root, stored)
     stored["outcome"] = outcome_of(stored["extra"])
     return stored
 
 
-def read_rows(root: str | os.PathLike | None) -> list[dict[str, Any]]:
-    """Every row in append order; `[]` when the root has no ledger (reading never creates one)."""
-    path = ledger_path(root)
-    if not path.is_file():
+def _legacy_rows(root: str | os.PathLike | None) -> list[dict[str, Any]]:
+    """The rows of a pre-object `<root>/ledger.sqlite`, ids `ledger.sqlite:<rowid>`; `[]` when there is none.
+
+    Opened read-only. Without a `-wal` file beside it, every row is in the main file and it is opened immutable,
+    which creates no `-wal`/`-shm` files; a `-wal` left by a writer that crashed holds rows too, and is read through
+    SQLite's read-only WAL mode.
+    """
+    local = local_root(root)
+    path = (local / LEGACY_LEDGER).resolve() if local is not None else None
+    if path is None or not path.is_file():
         return []
-    with _connect(path) as con:
-        cursor = con.execute(f"SELECT {', '.join(COLUMNS)} FROM stages ORDER BY id")
-        rows = [dict(zip(COLUMNS, values)) for values in cursor]
+    mode = "mode=ro" if path.with_name(f"{path.name}-wal").exists() else "immutable=1"
+    with closing(sqlite3.connect(f"{path.as_uri()}?{mode}", uri=True)) as con:
+        con.row_factory = sqlite3.Row
+        rows = [dict(r) for r in con.execute("SELECT * FROM stages ORDER BY id")]
     for row in rows:
+        row["id"] = f"{LEGACY_LEDGER}:{row['id']}"
         row["inputs"] = json.loads(row["inputs"])
         row["extra"] = json.loads(row["extra"])
         row["cache_hit"] = bool(row["cache_hit"])
+    return rows
+
+
+def read_rows(root: str | os.PathLike | None) -> list[dict[str, Any]]:
+    """Every row in append order, legacy SQLite rows first; `[]` when the root has no ledger (reading creates none)."""
+    rows = _legacy_rows(root) + get_rows(root)
+    for row in rows:
         row["outcome"] = outcome_of(row["extra"])
     return rows
 
@@ -192,8 +162,12 @@ def _process_gone(pid: int) -> bool:
 def reap_killed_runs(root: str | os.PathLike | None) -> int:
     """Append a killed row for every open run on this host whose process is gone; returns how many.
 
-    A run's file is claimed by renaming it, so two readers reaping at once append its row once.
+    A run's file is claimed by renaming it, so two readers reaping at once append its row once. Only on a local
+    root: whether a run's process is gone is known only on its own machine, and renaming to claim is not atomic on
+    an object store, so a bucket root keeps no open-run files and a SIGKILLed stage there leaves no row.
     """
+    if local_root(root) is None:
+        return 0
     directory = resolve_root(root) / OPEN_RUNS
     reaped = 0
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
@@ -277,20 +251,21 @@ def record_stage(
 ) -> Iterator[StageRecord]:
     """Time the block and append its row on exit.
 
-    Cheap: one INSERT (milliseconds) and, once per process, `detect_devices()` (imports torch if the
-    stage has not).
+    Cheap: one small write (milliseconds on a local root) and, once per process, `detect_devices()` (imports torch
+    if the stage has not).
 
     A block that raises is still recorded, with `extra["failed"] = True`, `extra["error"]` the
     exception type and outcome "failed" ("killed" for Ctrl-C), because its device time was spent;
     amortisation charges it to the experiment like any other row. The exception is re-raised unchanged.
-    A process killed outright is recorded later from its open-run file (`reap_killed_runs`); open_run=False is for
-    a stage that leaves its own, more precise record of a killed attempt (`lopd train`'s checkpoint heartbeat knows
-    which tokens a later attempt will not redo), so that such an attempt is not recorded twice.
+    A process killed outright is recorded later from its open-run file (`reap_killed_runs`, local roots only);
+    open_run=False is for a stage that leaves its own, more precise record of a killed attempt (`lopd train`'s
+    checkpoint heartbeat knows which tokens a later attempt will not redo), so that such an attempt is not recorded
+    twice.
     """
     reap_killed_runs(root)
     record = StageRecord(experiment, stage, method, artifact, list(inputs), tokens, extra=dict(extra or {}))
     started_at, start = time.time(), time.perf_counter()
-    running = _OpenRun(root, record, started_at) if open_run else None
+    running = _OpenRun(root, record, started_at) if open_run and local_root(root) is not None else None
     outcome = "ok"
     try:
         yield record

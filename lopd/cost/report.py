@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from lopd.cost.amortize import (
@@ -27,8 +26,10 @@ from lopd.cost.amortize import (
     stage_sort_key,
     total,
 )
-from lopd.cost.ledger import ledger_path, read_rows, reap_killed_runs
+from lopd.cost.ledger import read_rows, reap_killed_runs
+from lopd.cost.store import DIRECTORY
 from lopd.errors import LopdError
+from lopd.storage import root_url
 
 SECONDS_PER_HOUR = 3600.0
 GPU_HOURS, CPU_HOURS, MIXED_HOURS = "GPU-hours", "CPU core-hours", "device-hours (GPU and CPU core mixed)"
@@ -46,7 +47,7 @@ def load_rows(root: str | os.PathLike | None) -> list[dict[str, Any]]:
     rows = read_rows(root)
     if not rows:
         raise LopdError(
-            f"the cost ledger {ledger_path(root)} has no rows; stages append rows as they run "
+            f"the cost ledger {root_url(root)}/{DIRECTORY} has no rows; stages append rows as they run "
             "(or pass --root to read another storage root)"
         )
     return rows
@@ -217,7 +218,7 @@ def reuse_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
     ]
 
 
-def markdown_report(root: Path, rows: Sequence[Row], plot_name: str) -> str:
+def markdown_report(root: str, rows: Sequence[Row], plot_name: str) -> str:
     """One page for a storage root: methods, experiments, both cost views, cache reuse, the plot."""
     by_method, by_experiment = summarize(rows, by="method"), summarize(rows, by="experiment")
     unit = by_method["unit"]
