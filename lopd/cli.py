@@ -28,6 +28,35 @@ ENGINE_ARG_OPTION = click.option(
     help="vLLM engine option (repeatable), typed by vLLM's EngineArgs: tensor_parallel_size=4, max_model_len=32768, "
          "gpu_memory_utilization=0.85, dtype=bfloat16, quantization=fp8, ... (docs/engine.md).")
 
+RAY_OPTIONS = [
+    click.option("--ray", "use_ray", is_flag=True,
+                 help="Run the engines as Ray actors (lopd.replicas): on the cluster at --ray-address, else "
+                      "$RAY_ADDRESS, else a local one. Needs `pip install 'lopd[ray]'`."),
+    click.option("--ray-address", default=None, help="Ray cluster to join (with --ray), e.g. ray://head:10001 or auto."),
+    click.option("--replicas", default=None, type=click.IntRange(min=1),
+                 help="Engine replicas with --ray (default 1); each reserves its engine's GPUs "
+                      "(tensor_parallel_size of them) or one CPU."),
+]
+
+
+def ray_options(command):
+    for option in reversed(RAY_OPTIONS):
+        command = option(command)
+    return command
+
+
+def ray_placement(use_ray: bool, address: str | None, replicas: int | None, shard_spec: str = "0/1"):
+    """The Ray placement the options ask for, or None (one engine in this process)."""
+    from lopd.replicas import RayPlacement
+
+    if not use_ray:
+        if address or replicas:
+            raise LopdError(f"{'--ray-address' if address else '--replicas'} needs --ray")
+        return None
+    if shard_spec != "0/1":
+        raise LopdError("--ray hands the shards to its replicas itself; drop --shard (it is for schedulers without Ray)")
+    return RayPlacement(replicas=replicas or 1, address=address)
+
 
 def emit(obj) -> None:
     click.echo(json.dumps(obj, indent=1, default=str))
@@ -258,10 +287,11 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
 @click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Score only shards i, i+N, ... (i/N) for multi-node jobs.")
 @click.option("--out", type=click.Path(file_okay=False), default=None)
 @ENGINE_ARG_OPTION
+@ray_options
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, context, context_slice, shard_spec,
-          out, engine_arg_items, experiment, root):
+          out, engine_arg_items, use_ray, ray_address, replicas, experiment, root):
     """Score every rollout token once with the teacher (vLLM) into a Zarr v3 score set.
 
     The engine's context is the longest stored row plus one token (every row fits) and its prefill chunk is
@@ -272,12 +302,13 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
     from lopd.score import ScoreConfig, score as run
 
     engine_args = parse_engine_args(engine_arg_items)
+    placement = ray_placement(use_ray, ray_address, replicas, shard_spec)
     root = resolve_root(root)
     rollouts = RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts"))
     config = ScoreConfig(k=k, logprob_dtype=logprob_dtype, max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
                          context=context, context_slice=context_slice)
     result = run(teacher, rollouts, config, root=root, out=out, shard_of=parse_shard(shard_spec), experiment=experiment,
-                 engine_args=engine_args)
+                 engine_args=engine_args, placement=placement)
     report_score(result)
 
 

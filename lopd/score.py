@@ -20,12 +20,13 @@ from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
 from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, damaged_shards, scores_dir
 from lopd.contexts import expand_context, teacher_prompts
 from lopd.cost.ledger import record_stage
-from lopd.engine import (SCORING_BATCHED_TOKENS, check_k, engine_context, numeric_engine_args, running_context,
-                         running_engine)
+from lopd.engine import (SCORING_BATCHED_TOKENS, build_llm, check_k, engine_context, numeric_engine_args,
+                         running_context, running_engine, shutdown_llm)
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
 from lopd.models.guards import rollout_vocabulary
 from lopd.models.loading import load_tokenizer, model_config, resolve_model, vocab_size
+from lopd.replicas import RayPlacement, replica_bundle, replica_devices, run_on_replicas
 from lopd.rollout import engine_version
 from lopd.rollout_set import RolloutSet
 from lopd.storage import read_json
@@ -130,6 +131,7 @@ def score(
     experiment: str = "default",
     engine_args: Mapping[str, Any] | None = None,
     expect_id: str | None = None,
+    placement: RayPlacement | None = None,
 ) -> ScoreResult:
     """Score `rollouts` with `teacher` into the score set their identity names, or finish or repair it.
 
@@ -137,6 +139,7 @@ def score(
     are rescored along with any never written (an intact complete set is a cache hit). `expect_id` (repair)
     refuses to proceed when today's teacher, tokenizer or engine would make a different set. `engine_args` are
     vLLM engine options (checked by `lopd.engine.check_engine_args`; with `llm`, the ones it was built with).
+    `placement` scores on Ray replicas instead of one engine in this process (lopd.replicas); the set is the same.
 
     The engine's context is sized from the longest stored row (prompt + response + the one output token vLLM
     requires), unless `max_model_len` is given; a row that cannot fit is an error before anything is written.
@@ -184,11 +187,16 @@ def score(
     writer.discard(list(damaged))
     plans = writer.plan(len(rollouts), shard_of)
 
-    defaults = {"max_model_len": needed, "max_num_batched_tokens": SCORING_BATCHED_TOKENS}
-    with (record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec,
-          running_engine(llm, teacher, max_logprobs=config.k + padded, engine_args=engine_args,
-                         defaults=defaults) as engine):
-        result = _score_shards(writer, plans, rollouts, prompts, config, vocab, padded, set_id, engine, quiet)
+    build_args = {"max_logprobs": config.k + padded, "engine_args": engine_args,
+                  "defaults": {"max_model_len": needed, "max_num_batched_tokens": SCORING_BATCHED_TOKENS}}
+    shards = ShardScoring(str(rollouts.path), prompts, config, vocab, padded)
+    with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
+        if placement is None:
+            with running_engine(llm, teacher, **build_args) as engine:
+                result = _score_shards(writer, plans, shards, set_id, engine, quiet)
+        else:
+            result = _score_on_replicas(placement, teacher, build_args, writer, plans, shards, set_id, quiet)
+            rec.device_kind, rec.device_count = replica_devices(engine_args, placement.replicas)
         rec.tokens = result.positions
     manifest = writer.finish(len(rollouts))
     if not manifest.get("complete") and shard_of == (0, 1):
@@ -223,30 +231,91 @@ def check_rows_fit(teacher: str, teacher_config: dict, rollouts: RolloutSet, pro
     return needed
 
 
-def _score_shards(writer, plans, rollouts, prompts, config, vocab, padded, set_id, engine, quiet) -> ScoreResult:
-    check_k(config.k, vocab - padded, max_logprobs=engine.llm_engine.model_config.max_logprobs,
-            padded=min(padded, PADDED_MARGIN))
+@dataclass
+class ShardScoring:
+    """What scoring one shard needs besides the engine and the writer; small enough to ship to Ray replicas (the
+    rollout set travels as its path)."""
+
+    rollouts_path: str
+    prompts: list[np.ndarray]
+    config: ScoreConfig
+    vocab: int
+    padded: int
+
+    def score(self, engine, writer: ScoreSetWriter, plan: ShardPlan, rollouts: RolloutSet, bar) -> tuple[float, int]:
+        """Score and commit the shard (inside the caller's claim); its teacher seconds and positions."""
+        start = time.perf_counter()
+        arrays = score_rows(engine, rollouts, plan, self.config, id_dtype(self.vocab), bar, self.prompts,
+                            padded=self.padded, defined=self.vocab - self.padded)
+        seconds = time.perf_counter() - start
+        writer.commit(plan, arrays, {"teacher_seconds": round(seconds, 3)})
+        return seconds, int(arrays["sampled_logprob"].shape[0])
+
+    def tokens(self, rollouts: RolloutSet, plan: ShardPlan) -> int:
+        return sum(len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i]) for i in range(plan.start, plan.stop))
+
+
+def _score_shards(writer, plans, shards: ShardScoring, set_id, engine, quiet) -> ScoreResult:
+    check_k(shards.config.k, shards.vocab - shards.padded, max_logprobs=engine.llm_engine.model_config.max_logprobs,
+            padded=min(shards.padded, PADDED_MARGIN))
+    rollouts = RolloutSet.open(shards.rollouts_path)
     todo = writer.pending(plans)
-    total = sum(len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i])
-                for p in todo for i in range(p.start, p.stop))
     teacher_seconds = 0.0
     positions = 0
-    with tqdm(total=total, unit="tok", desc=f"score {set_id}", disable=quiet or not todo) as bar:
+    with tqdm(total=sum(shards.tokens(rollouts, p) for p in todo), unit="tok", desc=f"score {set_id}",
+              disable=quiet or not todo) as bar:
         # First pass: shards nobody else holds. Second pass waits for shards another writer held, and
         # takes over any that writer left unfinished (e.g. it was killed).
         for wait in (False, True):
             for plan in writer.pending(plans):
                 with writer.claim(plan, wait=wait) as mine:
-                    if not mine:
-                        continue
-                    start = time.perf_counter()
-                    arrays = score_rows(engine, rollouts, plan, config, id_dtype(vocab), bar, prompts,
-                                        padded=padded, defined=vocab - padded)
-                    seconds = time.perf_counter() - start
-                    writer.commit(plan, arrays, {"teacher_seconds": round(seconds, 3)})
-                    teacher_seconds += seconds
-                    positions += int(arrays["sampled_logprob"].shape[0])
+                    if mine:
+                        seconds, count = shards.score(engine, writer, plan, rollouts, bar)
+                        teacher_seconds += seconds
+                        positions += count
     return ScoreResult(writer.path, set_id, False, teacher_seconds, positions)
+
+
+class ShardScorer:
+    """A Ray replica of `lopd score --ray`: one vLLM engine that scores the shards the driver hands it."""
+
+    def __init__(self, teacher: str, build_args: dict[str, Any], writer_path: str, shards: ShardScoring):
+        self.engine = build_llm(teacher, **build_args)
+        self.writer = ScoreSetWriter(Path(writer_path), read_json(Path(writer_path) / MANIFEST),
+                                     shards.config.rows_per_shard)
+        self.rollouts = RolloutSet.open(shards.rollouts_path)
+        self.shards = shards
+
+    def run(self, plan: ShardPlan) -> tuple[float, int, int]:
+        """Teacher seconds, positions and rollout tokens of the shard (zeros when it was already committed: a
+        retry after the replica died past its commit)."""
+        with self.writer.claim(plan, wait=True) as mine:
+            if not mine:
+                return 0.0, 0, self.shards.tokens(self.rollouts, plan)
+            seconds, positions = self.shards.score(self.engine, self.writer, plan, self.rollouts, tqdm(disable=True))
+        return seconds, positions, self.shards.tokens(self.rollouts, plan)
+
+    def close(self) -> None:
+        shutdown_llm(self.engine)
+
+
+def _score_on_replicas(placement: RayPlacement, teacher: str, build_args: dict[str, Any], writer: ScoreSetWriter,
+                       plans: list[ShardPlan], shards: ShardScoring, set_id: str, quiet: bool) -> ScoreResult:
+    """The pending shards scored by `placement.replicas` Ray replicas, each committing its own shards into the set
+    (on the shared storage root) through the same claim-and-commit protocol as `--shard i/N` writers."""
+    rollouts = RolloutSet.open(shards.rollouts_path)
+    todo = writer.pending(plans)
+    totals = [0.0, 0]
+    with tqdm(total=sum(shards.tokens(rollouts, p) for p in todo), unit="tok", desc=f"score {set_id} on "
+              f"{placement.replicas} replicas", disable=quiet or not todo) as bar:
+        def done(result: tuple[float, int, int]) -> None:
+            totals[0] += result[0]
+            totals[1] += result[1]
+            bar.update(result[2])
+
+        run_on_replicas(placement, ShardScorer, (teacher, build_args, str(writer.path), shards),
+                        replica_bundle(build_args["engine_args"]), todo, done, name=f"lopd-score-{set_id}")
+    return ScoreResult(writer.path, set_id, False, totals[0], totals[1])
 
 
 def _relative(target: Path, start: Path) -> str:

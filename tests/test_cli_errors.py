@@ -134,3 +134,14 @@ def test_bad_verifier_file_is_one_line_before_any_engine(tmp_path, monkeypatch, 
     result = lopd("eval", "--model", str(TEACHER_DIR), "--prompts", str(prompts), "--verifier", spec,
                   root=tmp_path / "root")
     assert_one_line_error(result, *needles)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--replicas", "2"), "--replicas needs --ray"),
+    (("--ray-address", "auto"), "--ray-address needs --ray"),
+    (("--ray", "--shard", "1/2"), "drop --shard"),
+])
+def test_ray_options_are_checked_before_anything_starts(rollout_set, tmp_path, args, needle):
+    result = lopd("score", "--teacher", str(TEACHER_DIR), "--rollouts", str(rollout_set.path), *args,
+                  root=tmp_path / "root")
+    assert_one_line_error(result, needle)

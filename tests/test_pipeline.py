@@ -52,6 +52,18 @@ def test_unknown_reference_is_a_clear_error(smoke, tmp_path):
         plan(broken, tmp_path)
 
 
+def test_ray_table_places_score_stages_without_changing_any_stage_key(smoke, tmp_path):
+    from lopd.pipeline.plan import ray_placement
+    from lopd.replicas import RayPlacement
+
+    placed = dict(copy.deepcopy(smoke), ray={"replicas": 2, "address": "auto"})
+    assert ray_placement(placed) == RayPlacement(replicas=2, address="auto") and ray_placement(smoke) is None
+    assert keys(placed, tmp_path) == keys(smoke, tmp_path)
+    for table, message in (({"replicas": 0}, "replicas must be an integer >= 1"), ({"nodes": 2}, "takes replicas")):
+        with pytest.raises(LopdError, match=message):
+            plan(dict(copy.deepcopy(smoke), ray=table), tmp_path)
+
+
 @pytest.mark.slow
 def test_interrupted_pipeline_resumes_without_redoing_finished_stages(smoke, tmp_path, capsys):
     broken = copy.deepcopy(smoke)

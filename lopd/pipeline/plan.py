@@ -194,8 +194,27 @@ def check_stage(stage: Stage) -> None:
                         f"see `lopd losses`)")
 
 
+def ray_placement(spec: dict[str, Any]):
+    """The pipeline's `[ray]` table (`replicas = N`, `address = "..."`) as the placement of its score stages, or
+    None without one. Not part of any stage key: where a stage runs does not change its numbers."""
+    from lopd.replicas import RayPlacement
+
+    table = spec.get("ray")
+    if table is None:
+        return None
+    if not isinstance(table, dict) or set(table) - {"replicas", "address"}:
+        raise LopdError(f"pipeline [ray] takes replicas = N and address = \"...\", got {table!r}")
+    replicas, address = table.get("replicas", 1), table.get("address")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        raise LopdError(f"pipeline [ray] replicas must be an integer >= 1, got {replicas!r}")
+    if address is not None and not isinstance(address, str):
+        raise LopdError(f"pipeline [ray] address must be a string, got {address!r}")
+    return RayPlacement(replicas=replicas, address=address)
+
+
 def plan(spec: dict[str, Any], root: Path) -> list[Plan]:
     check_params({"max_logprobs": spec.get("max_logprobs")}, f"pipeline {spec['name']!r}")
+    ray_placement(spec)  # its errors before any stage runs
     plans = []
     for seed in spec.get("seeds", [0]):
         stages = expand_stages(spec)

@@ -11,7 +11,7 @@ from lopd.engine import EnginePool, engine_context
 from lopd.errors import LopdError
 from lopd.evaluate import evaluate
 from lopd.models.loading import load_tokenizer, model_config
-from lopd.pipeline.plan import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, stage_engine_args
+from lopd.pipeline.plan import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, ray_placement, stage_engine_args
 from lopd.prompts import PromptFormat, load_prompts
 from lopd.rollout import SamplingConfig, encode_prompts, rollout
 from lopd.rollout_set import RolloutSet
@@ -126,9 +126,13 @@ class StageRunner:
         p = stage.params
         teacher = self.model_path(p["teacher"], outputs)
         rollouts = RolloutSet.open(outputs[p["rollouts"]]["path"])
-        llm, options = self.engine(stage, p["teacher"], teacher)
+        placement = ray_placement(self.spec)
+        if placement is None:
+            llm, options = self.engine(stage, p["teacher"], teacher)
+        else:  # the replicas own the engines; none is pooled here
+            llm, options = None, stage_engine_args(self.spec, p, p["teacher"], stage.id)
         result = score(teacher, rollouts, pick(ScoreConfig, p), root=self.root, llm=llm,
-                       experiment=self.experiment(plan, stage), engine_args=options)
+                       experiment=self.experiment(plan, stage), engine_args=options, placement=placement)
         return {"path": str(result.path), "id": result.id, "reused": result.reused,
                 "teacher_seconds": result.teacher_seconds}
 
