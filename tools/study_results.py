@@ -129,7 +129,8 @@ def consistency_markdown(study: dict[str, Any]) -> str:
 
 def plot(study: dict[str, Any], results: dict[str, Any], path: Path) -> None:
     """Lightning: valid % by arm (mean ± SE) beside teacher_kl over training for each method's best learning rate.
-    Consistency: valid % from each cache per loss, with the seeds as dots."""
+    Consistency: valid % from each cache per loss, with the seeds as dots. A k = 1 arm has no curve: its
+    teacher_kl has a single top-k bucket, a coarser lower bound than the others'."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +144,14 @@ def plot(study: dict[str, Any], results: dict[str, Any], path: Path) -> None:
         bars.set_xticks(range(len(arms)), [a["model"] for a in arms], rotation=60, ha="right", fontsize=7)
         bars.set_ylim(max(0, min(a["mean"] for a in arms if a["mean"] > 5) - 10), 100)
         bars.set_ylabel("valid % (mean ± SE over seeds)")
+        for reference, style in (("sft", ":"), ("sft_more", "--")):
+            level = next((a["mean"] for a in arms if a["model"] == reference), None)
+            if level is not None:
+                bars.axhline(level, linestyle=style, color="grey", label=reference)
+        bars.legend(fontsize=8, loc="lower left")
         for name, best in study["best_lr"].items():
+            if name.endswith("_k1"):  # its teacher_kl has one top-k bucket: a coarser bound, not comparable
+                continue
             rows = [r for r in metric_rows(results, next(iter(results["seeds"])), best["model"]) if "teacher_kl" in r]
             curves.plot([r["step"] for r in rows], [r["teacher_kl"] for r in rows], label=f"{name} (lr {best['lr']:g})")
         curves.set_xlabel("step (seed 0)")
