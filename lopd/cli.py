@@ -31,7 +31,8 @@ ENGINE_ARG_OPTION = click.option(
 RAY_OPTIONS = [
     click.option("--ray", "use_ray", is_flag=True,
                  help="Run the engines as Ray actors (lopd.replicas): on the cluster at --ray-address, else "
-                      "$RAY_ADDRESS, else a local one. Needs `pip install 'lopd[ray]'`."),
+                      "$RAY_ADDRESS, else a local one; the result is what one engine makes. Needs `pip install "
+                      "'lopd[ray]'`."),
     click.option("--ray-address", default=None, help="Ray cluster to join (with --ray), e.g. ray://head:10001 or auto."),
     click.option("--replicas", default=None, type=click.IntRange(min=1),
                  help="Engine replicas with --ray (default 1); each reserves its engine's GPUs "
@@ -247,23 +248,25 @@ def main() -> None:
                    "metadata) instead of stopping at the first.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory (default: content-addressed under the root).")
 @ENGINE_ARG_OPTION
+@ray_options
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, top_p, max_tokens, seed,
-            verifier, tool, judge, skip_invalid, out, engine_arg_items, experiment, root):
+            verifier, tool, judge, skip_invalid, out, engine_arg_items, use_ray, ray_address, replicas, experiment, root):
     """Generate rollouts with vLLM into a Parquet rollout set."""
     from lopd.prompts import PromptFormat, load_prompts
     from lopd.rollout import SamplingConfig, rollout as run
 
     start = time.perf_counter()
     engine_args = parse_engine_args(engine_arg_items)
+    placement = ray_placement(use_ray, ray_address, replicas)
     prompt_format = PromptFormat(chat=chat, system_prompt=system_prompt)
     prompt_format.validate()
     rows = load_prompts(prompts, prompt_field, answer_field)
     sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     rollouts, reused = run(model, rows, sampling, root=resolve_root(root), verifier=verifier, out=out,
                           experiment=experiment, prompt_format=prompt_format, tool=tool, judge=judge,
-                          engine_args=engine_args, skip_invalid=skip_invalid)
+                          engine_args=engine_args, skip_invalid=skip_invalid, placement=placement)
     emit({"rollout_set": rollouts.id, "path": rollouts.path, "rows": len(rollouts), "reused": reused,
           "response_tokens": rollouts.meta["num_response_tokens"],
           "truncated": rollouts.meta.get("truncated", {}).get("length", 0),
@@ -376,23 +379,25 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
               help="Reward function module:function scoring each response, e.g. lopd.toy.words:verify.")
 @click.option("--tool", default=None, help="Tool environment module:attr (as for `lopd rollout --tool`).")
 @ENGINE_ARG_OPTION
+@ray_options
 @EXPERIMENT_OPTION
 @ROOT_OPTION
 def eval_(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, top_p, max_tokens, seed,
-          verifier, tool, engine_arg_items, experiment, root):
+          verifier, tool, engine_arg_items, use_ray, ray_address, replicas, experiment, root):
     """Accuracy of a model on a prompt set (vLLM sampling + verifier)."""
     from lopd.evaluate import evaluate
     from lopd.prompts import PromptFormat, load_prompts
     from lopd.rollout import SamplingConfig
 
     engine_args = parse_engine_args(engine_arg_items)
+    placement = ray_placement(use_ray, ray_address, replicas)
     prompt_format = PromptFormat(chat=chat, system_prompt=system_prompt)
     prompt_format.validate()
     rows = load_prompts(prompts, prompt_field, answer_field)
     sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     emit(evaluate(model, rows, verifier, sampling,
                   root=resolve_root(root), experiment=experiment, prompt_format=prompt_format, tool=tool,
-                  engine_args=engine_args).as_dict())
+                  engine_args=engine_args, placement=placement).as_dict())
 
 
 @main.command()

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lopd.cost.ledger import record_stage
-from lopd.engine import engine_context, running_context, running_engine
+from lopd.engine import engine_context, running_context
 from lopd.errors import LopdError
 from lopd.models.loading import load_tokenizer, model_config, resolve_model
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.environment import load_environment
-from lopd.rollout import (SamplingConfig, check_max_tokens, check_prompts, encode_prompts, generate,
-                          generate_with_tool)
+from lopd.replicas import RayPlacement, replica_devices
+from lopd.rollout import SamplingConfig, check_max_tokens, check_prompts, encode_prompts, sample_anywhere
 from lopd.verifier import load_verifier
 
 
@@ -38,6 +38,7 @@ def evaluate(
     prompt_format: PromptFormat = PLAIN,
     tool: str | None = None,
     engine_args: Mapping[str, Any] | None = None,
+    placement: RayPlacement | None = None,
 ) -> EvalResult:
     """Sample `sampling.n` responses per prompt and score them. `llm`, if given, must already serve `model` (see
     EnginePool).
@@ -47,13 +48,13 @@ def evaluate(
     was trained with (a chat-trained model is evaluated through its chat template). `tool` (module:attr) runs the
     multi-turn tool loop of `lopd rollout --tool`; the verifier then sees the whole response, observations
     included. `engine_args` are vLLM engine options (checked by `lopd.engine.check_engine_args`); prompts are
-    checked against the engine's context before it starts.
+    checked against the engine's context before it starts. `placement` samples on Ray replicas (lopd.replicas).
     """
     model = resolve_model(model)
     verify = load_verifier(verifier)
     if verify is None:
         raise LopdError("eval needs a verifier: pass --verifier module:function")
-    env = load_environment(tool)
+    load_environment(tool)  # a bad tool spec fails here, before any engine starts
     rows = load_prompts(prompts) if not isinstance(prompts, list) else prompts
     tokenizer = load_tokenizer(model)
     prompt_ids = encode_prompts(tokenizer, rows, prompt_format)
@@ -61,15 +62,12 @@ def evaluate(
     check_max_tokens(sampling.max_tokens, context, model)
     sampling = sampling.within(context)
     check_prompts(rows, prompt_ids, context, skip_invalid=False)
-    with (record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec,
-          running_engine(llm, model, seed=sampling.seed, engine_args=engine_args) as engine):
-        if env is None:
-            samples = [(rows[r["group_id"]], r["text"]) for r in generate(engine, rows, prompt_ids, tokenizer,
-                                                                          sampling, verify=None)]
-        else:
-            trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, logprobs=False)
-            samples = [(rows[i // sampling.n], t.text) for i, t in enumerate(trajectories)]
-        result = _score(samples, verify)
+    with record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec:
+        trajectories, _ = sample_anywhere(placement, llm, model, engine_args or {}, rows, prompt_ids, sampling, tool,
+                                          logprobs=False)
+        if placement is not None:
+            rec.device_kind, rec.device_count = replica_devices(engine_args or {}, placement.replicas)
+        result = _score([(rows[i // sampling.n], t.text) for i, t in enumerate(trajectories)], verify)
         rec.tokens = result.samples
         rec.extra = {"accuracy": result.accuracy, "distinct_correct": result.distinct_correct}
     return result

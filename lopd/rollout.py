@@ -11,14 +11,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from tqdm import tqdm
+
 from lopd.cost.ledger import record_stage
-from lopd.engine import engine_context, numeric_engine_args, running_context, running_engine
+from lopd.engine import build_llm, engine_context, numeric_engine_args, running_context, running_engine, shutdown_llm
 from lopd.environment import Environment, describe, load_environment
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
 from lopd.models.lineage import read_lineage
 from lopd.models.loading import load_tokenizer, model_config, resolve_model
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
+from lopd.replicas import RayPlacement, replica_bundle, replica_devices, run_on_replicas
 from lopd.rollout_set import RolloutSet, rollouts_dir, write_rollout_set
 from lopd.verifier import absolute_spec, load_judge, load_verifier
 
@@ -87,6 +90,7 @@ def rollout(
     judge: str | None = None,
     engine_args: Mapping[str, Any] | None = None,
     skip_invalid: bool = False,
+    placement: RayPlacement | None = None,
 ) -> tuple[RolloutSet, bool]:
     """Generate (or find already generated) rollouts. Returns the set and whether it was reused.
 
@@ -95,7 +99,9 @@ def rollout(
     spans. `judge` (module:function) fills `rubric_reward` with a rubric score in [0, 1]. `engine_args` are
     vLLM engine options (checked by `lopd.engine.check_engine_args`; with `llm`, the ones it was built with).
     Prompts are checked against the engine's context before it starts: an empty or over-long prompt is an
-    error naming it, or, with `skip_invalid`, left out and counted in the set's metadata.
+    error naming it, or, with `skip_invalid`, left out and counted in the set's metadata. `placement` samples on
+    Ray replicas (lopd.replicas) instead of one engine in this process; seeds follow the prompt's position, so the
+    replicas draw what one engine would.
     """
     prompt_format.validate()
     model = resolve_model(model)
@@ -121,17 +127,13 @@ def rollout(
             return existing, True
     verify = load_verifier(verifier)
     rubric = load_judge(judge)
-    with (record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec,
-          running_engine(llm, model, seed=sampling.seed, engine_args=engine_args) as engine):
-        if running_context(engine) != context:  # vLLM also reads limits lopd does not (e.g. the tokenizer's)
-            check_max_tokens(sampling.max_tokens, running_context(engine), model)
-            check_prompts(rows, prompt_ids, running_context(engine), skip_invalid=False)
-        if env is None:
-            rollouts = generate(engine, rows, prompt_ids, tokenizer, sampling, verify, quiet)
-        else:
-            trajectories = generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, quiet=quiet)
-            rollouts = rollout_records(rows, prompt_ids, trajectories, sampling.n, verify)
-        truncated = length_report(rollouts, running_context(engine), sampling.max_tokens)
+    with record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec:
+        trajectories, context = sample_anywhere(placement, llm, model, engine_args, rows, prompt_ids, sampling,
+                                                tool, quiet=quiet)
+        if placement is not None:
+            rec.device_kind, rec.device_count = replica_devices(engine_args, placement.replicas)
+        rollouts = rollout_records(rows, prompt_ids, trajectories, sampling.n, verify)
+        truncated = length_report(rollouts, context, sampling.max_tokens)
         if rubric is not None:
             for record in rollouts:
                 record["rubric_reward"] = float(rubric(rows[record["group_id"]], record["text"]))
@@ -231,17 +233,23 @@ def rollout_identity(model: str, tokenizer, sampling: SamplingConfig, rows: list
     return identity
 
 
-def generate(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, verify, quiet=True) -> list[dict[str, Any]]:
-    """One vLLM call over every prompt; one record per sampled response (with its text, and its reward when
-    `verify` is given), none longer than the context allows. Used by `lopd rollout` and `lopd eval`."""
+def sample(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, *, env: Environment | None = None,
+           logprobs: bool = True, quiet: bool = True, first_prompt: int = 0) -> list[Trajectory]:
+    """One Trajectory per request, request g*n+s = sample s of prompt g, none longer than the context allows; with
+    `env`, multi-turn with the tool (generate_with_tool). The prompts are those at `first_prompt` onwards of the
+    whole set: seeds follow that position, so a slice sampled on a Ray replica draws what one engine sampling
+    the whole set would. Used by `lopd rollout` and `lopd eval`."""
+    if env is not None:
+        return generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, logprobs=logprobs, quiet=quiet,
+                                  first_prompt=first_prompt)
     from vllm import SamplingParams
 
     sampling = sampling.within(running_context(engine))
     params = SamplingParams(
         n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-        logprobs=0, flat_logprobs=True,
+        logprobs=0 if logprobs else None, flat_logprobs=logprobs,
     )
-    per_request = seeded(params, sampling.seed, len(prompt_ids))
+    per_request = seeded(params, sampling.seed, len(prompt_ids), first=first_prompt)
     room = running_context(engine) - SCORING_ROOM
     for p, ids in zip(per_request, prompt_ids):
         p.max_tokens = min(p.max_tokens, room - len(ids))
@@ -254,10 +262,73 @@ def generate(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, veri
                             f"the rollout set would not match its own prompts, so nothing was written")
         for completion in request.outputs:
             response = list(completion.token_ids)
-            samples.append(Trajectory(response, sampled_logprobs(completion.logprobs, response), [[0, len(response)]],
+            samples.append(Trajectory(response, sampled_logprobs(completion.logprobs, response) if logprobs
+                                      else [0.0] * len(response), [[0, len(response)]],
                                       str(completion.finish_reason),
                                       text=tokenizer.decode(response, skip_special_tokens=True)))
-    return rollout_records(rows, prompt_ids, samples, sampling.n, verify)
+    return samples
+
+
+def checked_engine_context(engine, rows, prompt_ids, sampling: SamplingConfig, model: str, expected: int | None) -> int:
+    """The running engine's context, re-checking the prompts against it when it is not the one lopd predicted
+    (vLLM also reads limits lopd does not, e.g. the tokenizer's)."""
+    context = running_context(engine)
+    if context != expected:
+        check_max_tokens(sampling.max_tokens, context, model)
+        check_prompts(rows, prompt_ids, context, skip_invalid=False)
+    return context
+
+
+def sample_anywhere(placement: RayPlacement | None, llm, model: str, engine_args: Mapping[str, Any], rows, prompt_ids,
+                    sampling: SamplingConfig, tool: str | None, *, logprobs: bool = True,
+                    quiet: bool = True) -> tuple[list[Trajectory], int]:
+    """Every prompt's trajectories and the engine context they were sampled under: on `llm` or a new engine in
+    this process, or on Ray replicas when `placement` is given."""
+    expected = running_context(llm) if llm is not None else engine_context(model, model_config(model), engine_args)
+    if placement is None:
+        with running_engine(llm, model, seed=sampling.seed, engine_args=engine_args) as engine:
+            context = checked_engine_context(engine, rows, prompt_ids, sampling, model, expected)
+            return sample(engine, rows, prompt_ids, load_tokenizer(model), sampling, env=load_environment(tool),
+                          logprobs=logprobs, quiet=quiet), context
+    spans = prompt_spans(len(prompt_ids), placement.replicas)
+    done: dict[int, tuple[list[Trajectory], int]] = {}
+    with tqdm(total=len(prompt_ids) * sampling.n, unit="sample", disable=quiet,
+              desc=f"sample {model} on {placement.replicas} replicas") as bar:
+        def collect(result: tuple[int, list[Trajectory], int]) -> None:
+            done[result[0]] = result[1:]
+            bar.update(len(result[1]))
+
+        run_on_replicas(placement, SamplingReplica, (model, dict(engine_args), rows, prompt_ids, sampling, tool,
+                                                     logprobs, expected),
+                        replica_bundle(engine_args), spans, collect, name="lopd-sample")
+    return [t for start in sorted(done) for t in done[start][0]], min(c for _, c in done.values())
+
+
+def prompt_spans(count: int, replicas: int, per_replica: int = 4) -> list[tuple[int, int]]:
+    """[start, stop) prompt ranges, about `per_replica` per replica, so a slow or restarted replica holds back
+    little and the others take the rest."""
+    size = max(1, -(-count // (replicas * per_replica)))
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+class SamplingReplica:
+    """A Ray replica of `lopd rollout --ray` / `lopd eval --ray`: one vLLM engine sampling the prompt ranges the
+    driver hands it."""
+
+    def __init__(self, model: str, engine_args: dict[str, Any], rows, prompt_ids, sampling: SamplingConfig,
+                 tool: str | None, logprobs: bool, expected_context: int | None):
+        self.engine = build_llm(model, seed=sampling.seed, engine_args=engine_args)
+        self.context = checked_engine_context(self.engine, rows, prompt_ids, sampling, model, expected_context)
+        self.tokenizer, self.env = load_tokenizer(model), load_environment(tool)
+        self.rows, self.prompt_ids, self.sampling, self.logprobs = rows, prompt_ids, sampling, logprobs
+
+    def run(self, span: tuple[int, int]) -> tuple[int, list[Trajectory], int]:
+        start, stop = span
+        return start, sample(self.engine, self.rows[start:stop], self.prompt_ids[start:stop], self.tokenizer,
+                             self.sampling, env=self.env, logprobs=self.logprobs, first_prompt=start), self.context
+
+    def close(self) -> None:
+        shutdown_llm(self.engine)
 
 
 def rollout_records(rows, prompt_ids, samples: list["Trajectory"], n: int, verify) -> list[dict[str, Any]]:
@@ -299,8 +370,10 @@ class Trajectory:
 
 
 def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list[int]], tokenizer, env: Environment,
-                       sampling: SamplingConfig, *, logprobs: bool = True, quiet: bool = True) -> list[Trajectory]:
-    """Generate with a tool in the loop; returns one Trajectory per request, request g*n+s = sample s of prompt g.
+                       sampling: SamplingConfig, *, logprobs: bool = True, quiet: bool = True,
+                       first_prompt: int = 0) -> list[Trajectory]:
+    """Generate with a tool in the loop; returns one Trajectory per request, request g*n+s = sample s of prompt g
+    (seeded as request (first_prompt + g)*n+s of the whole set, see `sample`).
 
     Each round is one batched `LLM.generate` over every active request (its prompt plus its response so far,
     as token ids), stopping at the environment's call-ending strings (kept in the output), EOS or the token
@@ -331,7 +404,7 @@ def generate_with_tool(engine, rows: list[dict[str, Any]], prompt_ids: list[list
                 continue
             p = base.clone()
             p.max_tokens = budget
-            p.seed = turn_seed(sampling.seed, r, turn)
+            p.seed = turn_seed(sampling.seed, first_prompt * n + r, turn)
             batch.append(r)
             params.append(p)
         if not batch:
@@ -424,8 +497,9 @@ def sampled_logprobs(logprobs, response: list[int]) -> list[float]:
     return out
 
 
-def seeded(params, seed: int, count: int) -> list:
-    """One copy of `params` per request, each with its own seed derived from (seed, request index).
+def seeded(params, seed: int, count: int, first: int = 0) -> list:
+    """One copy of `params` per request, each with its own seed derived from (seed, request index), the requests
+    being those at `first` onwards.
 
     Samples then depend on the seed and the prompt's position only, not on what the engine ran before: rollouts
     are reproducible, and checkpoints evaluated on one engine in turn see the same random numbers (a paired
@@ -434,7 +508,7 @@ def seeded(params, seed: int, count: int) -> list:
     copies = []
     for i in range(count):
         p = params.clone()
-        p.seed = seed * 1_000_003 + i
+        p.seed = seed * 1_000_003 + first + i
         copies.append(p)
     return copies
 

@@ -1,18 +1,26 @@
-"""`lopd score` on Ray replicas (lopd.replicas): two replicas on a local Ray cluster of 2 CPUs score one rollout set
-while one replica's actor is killed mid-run; Ray restarts it and retries its shard, and the score set is the one
-a one-process run makes: the same id and the same bytes in every shard (their checksums)."""
+"""Stages on Ray replicas (lopd.replicas), on a local Ray cluster of 2 CPUs with two replicas of the toy models.
+
+`lopd score`: one replica's actor is killed mid-run; Ray restarts it and retries its shard, and the score set is
+the one a one-process run makes: the same id and the same bytes in every shard (their checksums). `lopd rollout`
+and `lopd eval`: the replicas sample what one engine samples (seeds follow each prompt's position)."""
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import asdict
 
 import pytest
 from toy_sets import TEACHER, make_rollout_set, rollout_records
 
 from lopd.cache.score_set import MANIFEST
+from lopd.evaluate import evaluate
+from lopd.replicas import RayPlacement
+from lopd.rollout import SamplingConfig, rollout
 from lopd.rollout_set import RolloutSet
 from lopd.score import ScoreConfig, score
 from lopd.storage import read_json
+from lopd.toy import TEACHER_B_DIR
+from lopd.toy.words import make_prompts
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="pip install 'lopd[ray]'")
@@ -40,8 +48,6 @@ def kill_one_replica_after_first_commit(path, killed: list[str]) -> None:
 
 
 def test_two_replicas_with_one_killed_make_the_one_process_set_bit_for_bit(rollouts, tmp_path):
-    from lopd.replicas import RayPlacement
-
     single = score(TEACHER, rollouts, CONFIG, root=tmp_path / "single", quiet=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -61,3 +67,22 @@ def test_two_replicas_with_one_killed_make_the_one_process_set_bit_for_bit(rollo
     assert {name: entry["checksum"] for name, entry in two["shards"].items()} == {
         name: entry["checksum"] for name, entry in one["shards"].items()}
     assert not list((replicated.path / ".staging").glob("*"))
+
+
+def test_rollout_and_eval_on_two_replicas_sample_what_one_engine_samples(tmp_path):
+    prompts = [asdict(prompt) for prompt in make_prompts("eval", 24)]
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=10, seed=3)
+    verifier = "lopd.toy.words:verify"
+    single, _ = rollout(str(TEACHER_B_DIR), prompts, sampling, root=tmp_path / "single", verifier=verifier, quiet=True)
+    alone = evaluate(str(TEACHER_B_DIR), prompts, verifier, sampling)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        placement = RayPlacement(replicas=2)
+        replicated, _ = rollout(str(TEACHER_B_DIR), prompts, sampling, root=tmp_path / "ray", verifier=verifier,
+                                quiet=True, placement=placement)
+        together = evaluate(str(TEACHER_B_DIR), prompts, verifier, sampling, placement=placement)
+    finally:
+        ray.shutdown()
+    assert replicated.id == single.id
+    assert replicated.meta["content_digest"] == single.meta["content_digest"]
+    assert together == alone

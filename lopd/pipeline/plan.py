@@ -195,8 +195,9 @@ def check_stage(stage: Stage) -> None:
 
 
 def ray_placement(spec: dict[str, Any]):
-    """The pipeline's `[ray]` table (`replicas = N`, `address = "..."`) as the placement of its score stages, or
-    None without one. Not part of any stage key: where a stage runs does not change its numbers."""
+    """The pipeline's `[ray]` table (`replicas = N`, `address = "..."`) as the placement of its rollout, score and
+    eval stages, or None without one. Not part of any stage key: where a stage runs does not change its numbers
+    (train stages' refresh and online engines stay in the training process)."""
     from lopd.replicas import RayPlacement
 
     table = spec.get("ray")

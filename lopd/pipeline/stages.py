@@ -48,6 +48,7 @@ class StageRunner:
     def __init__(self, spec: dict[str, Any], root: Path):
         self.spec = spec
         self.root = root
+        self.placement = ray_placement(spec)  # rollout, score and eval stages on Ray replicas, or None
         self.pool: EnginePool | None = None
         self.prompt_cache: dict[str, list[dict[str, Any]]] = {}
 
@@ -57,9 +58,10 @@ class StageRunner:
         return self.pool
 
     def engine(self, stage: Stage, ref: str, model: str):
-        """The pooled engine serving `model` (named `ref` in the pipeline) for `stage`, and its engine options."""
+        """The pooled engine serving `model` (named `ref` in the pipeline) for `stage`, and its engine options; no
+        engine when the pipeline's `[ray]` table places the stage on Ray replicas, which own theirs."""
         options = stage_engine_args(self.spec, stage.params, ref, stage.id)
-        return self.engines().get(model, options), options
+        return (None if self.placement else self.engines().get(model, options)), options
 
     def close(self) -> None:
         if self.pool is not None:
@@ -119,20 +121,16 @@ class StageRunner:
         rollouts, reused = rollout(model, self.prompts(p["prompts"]), pick(SamplingConfig, p), root=self.root,
                                    verifier=p.get("verifier"), llm=llm, experiment=self.experiment(plan, stage),
                                    prompt_format=pick(PromptFormat, p), tool=p.get("tool"), judge=p.get("judge"),
-                                   engine_args=options)
+                                   engine_args=options, placement=self.placement)
         return {"path": str(rollouts.path), "id": rollouts.id, "reused": reused}
 
     def run_score(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
         p = stage.params
         teacher = self.model_path(p["teacher"], outputs)
         rollouts = RolloutSet.open(outputs[p["rollouts"]]["path"])
-        placement = ray_placement(self.spec)
-        if placement is None:
-            llm, options = self.engine(stage, p["teacher"], teacher)
-        else:  # the replicas own the engines; none is pooled here
-            llm, options = None, stage_engine_args(self.spec, p, p["teacher"], stage.id)
+        llm, options = self.engine(stage, p["teacher"], teacher)
         result = score(teacher, rollouts, pick(ScoreConfig, p), root=self.root, llm=llm,
-                       experiment=self.experiment(plan, stage), engine_args=options, placement=placement)
+                       experiment=self.experiment(plan, stage), engine_args=options, placement=self.placement)
         return {"path": str(result.path), "id": result.id, "reused": result.reused,
                 "teacher_seconds": result.teacher_seconds}
 
@@ -184,7 +182,7 @@ class StageRunner:
             llm, options = self.engine(stage, ref, model)
             results[ref] = evaluate(model, self.prompts(p["prompts"]), p["verifier"], pick(SamplingConfig, p),
                                     llm=llm, root=self.root, prompt_format=pick(PromptFormat, p),
-                                    tool=p.get("tool"), engine_args=options,
+                                    tool=p.get("tool"), engine_args=options, placement=self.placement,
                                     experiment=f"{self.spec['name']}/seed{plan.seed}/{ref}").as_dict()
         path = out_dir / f"{stage.id}.json"
         write_json_atomic(path, results)
