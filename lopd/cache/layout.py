@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, TransposeCodec, ZstdCodec
+from zarr.storage import FsspecStore
+
+from lopd.location import Location, files, is_bucket, read_bytes
 
 FORMAT_VERSION = 1
 CHUNK_POSITIONS = 1 << 16
@@ -212,25 +215,33 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], *, encode: bool = Tru
         )[...] = data
 
 
-def read_stored(path: Path) -> dict[str, np.ndarray]:
+def _group_store(path: Location) -> str | FsspecStore:
+    """What `zarr.open_group` reads a shard from: the local directory, or zarr's fsspec store on a bucket."""
+    if is_bucket(path):
+        return FsspecStore.from_url(path, read_only=True)
+    return str(path)
+
+
+def read_stored(path: Location) -> dict[str, np.ndarray]:
     """The arrays as stored (encoded), by name."""
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(_group_store(path), mode="r")
     return {name: array[...] for name, array in group.arrays()}
 
 
-def read_shard(path: Path) -> dict[str, np.ndarray]:
+def read_shard(path: Location) -> dict[str, np.ndarray]:
     """The logical arrays (ARRAYS), whichever way the shard stores them."""
     return decode_arrays(read_stored(path), inplace=True)
 
 
-def shard_checksum(path: Path) -> str:
-    """sha256 over every file of the shard (relative path + bytes), in sorted order."""
+def shard_checksum(path: Location) -> str:
+    """sha256 over every file of the shard (relative path + bytes), in sorted order; the same digest whether the
+    shard lies in a local directory or under a bucket prefix."""
     h = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(path)).encode())
-        h.update(file.read_bytes())
+    for relative, file, _ in files(path):
+        h.update(relative.encode())
+        h.update(read_bytes(file))
     return h.hexdigest()
 
 
-def shard_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def shard_bytes(path: Location) -> int:
+    return sum(size for _, _, size in files(path))

@@ -1,17 +1,18 @@
 """Reading a score set: `open_cache(path)[i]` joins teacher signals with the rollout row they score."""
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lopd.cache.layout import FORMAT_VERSION, read_shard, shard_checksum
-from lopd.cache.score_set import MANIFEST
+from lopd.cache.score_set import MANIFEST, shard_location
 from lopd.errors import LopdError
+from lopd.location import as_location, is_dir, is_file, join, resolve
 from lopd.rollout_set import RolloutSet
 from lopd.storage import read_json
 
@@ -51,10 +52,11 @@ class ScoreCache:
     `max_decoded_shards` shards at a time (lopd.train.sampling), so each shard is decoded once per epoch.
     """
 
-    def __init__(self, path: str | Path, verify: bool = True, max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS):
-        self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
+    def __init__(self, path: str | os.PathLike, verify: bool = True,
+                 max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS):
+        self.path = as_location(path)  # a local directory, or a bucket URL (lopd.location)
+        manifest_path = join(self.path, MANIFEST)
+        if not is_file(manifest_path):
             raise LopdError(f"{self.path} holds no score set (no {MANIFEST}); create one with `lopd score`")
         self.manifest: dict[str, Any] = read_json(manifest_path)
         version = self.manifest.get("format_version")
@@ -79,7 +81,7 @@ class ScoreCache:
 
     @cached_property
     def rollouts(self) -> RolloutSet:
-        return RolloutSet.open((self.path / self.manifest["rollout_set"]["path"]).resolve())
+        return RolloutSet.open(resolve(join(self.path, self.manifest["rollout_set"]["path"])))
 
     def __len__(self) -> int:
         return int(self.manifest["num_rows"])
@@ -98,8 +100,8 @@ class ScoreCache:
             self._shards.move_to_end(name)
         else:
             entry = self.manifest["shards"].get(name)
-            shard_dir = self.path / "shards" / name
-            if entry is None or not shard_dir.is_dir():
+            shard_dir = shard_location(self.path, name)
+            if entry is None or not is_dir(shard_dir):
                 raise LopdError(f"score set {self.id}: shard {name} is missing; {REPAIR_HINT.format(id=self.id)}")
             if self.verify and shard_checksum(shard_dir) != entry["checksum"]:
                 raise LopdError(f"score set {self.id}: shard {name} is corrupt (checksum mismatch); "
@@ -136,6 +138,6 @@ class ScoreCache:
         )
 
 
-def open_cache(path: str | Path, verify: bool = True,
+def open_cache(path: str | os.PathLike, verify: bool = True,
                max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS) -> ScoreCache:
     return ScoreCache(path, verify=verify, max_decoded_shards=max_decoded_shards)

@@ -25,26 +25,32 @@ import numpy as np
 from lopd.cache.layout import FORMAT_VERSION, shard_bytes, shard_checksum, write_shard
 from lopd.errors import LopdError
 from lopd.faults import crash_point
+from lopd.location import Location, is_dir, join
 from lopd.storage import read_json, write_json_atomic
 
 MANIFEST = "manifest.json"
 
 
-def damaged_shards(path: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """Committed shards of the set at `path` whose directory is gone or whose bytes no longer match their
-    checksum, with the reason; what `lopd cache verify` reports and a rerun of `lopd score` rescores."""
+def damaged_shards(path: Location, manifest: dict[str, Any]) -> dict[str, str]:
+    """Committed shards of the set at `path` (local or in a bucket) whose directory is gone or whose bytes no longer
+    match their checksum, with the reason; what `lopd cache verify` reports and a rerun of `lopd score` rescores."""
     damaged = {}
     for name, entry in sorted(manifest["shards"].items()):
-        shard_dir = Path(path) / "shards" / name
-        if not shard_dir.is_dir():
+        shard_dir = shard_location(path, name)
+        if not is_dir(shard_dir):
             damaged[name] = "missing"
         elif shard_checksum(shard_dir) != entry["checksum"]:
             damaged[name] = "checksum mismatch (truncated or modified)"
     return damaged
 
 
-def scores_dir(root: Path) -> Path:
-    return root / "scores"
+def scores_dir(root: Location) -> Location:
+    return join(root, "scores")
+
+
+def shard_location(path: Location, name: str) -> Location:
+    """Where the committed shard `name` of the score set at `path` lies."""
+    return join(path, "shards", name)
 
 
 def shard_name(index: int) -> str:

@@ -1,0 +1,132 @@
+"""Score sets on a bucket root (issue 18): `lopd cache ls/show/verify/export` and `open_cache` on moto's S3 server
+answer as they do on the local copy, and `verify` finds an object damaged or removed in the bucket.
+
+The score set is made without an engine (tests/toy_sets.py: the real writers, a transformers forward of the toy
+teacher) in a local root, and copied object by object under `s3://<bucket>/prefix`, as `aws s3 sync` would.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from toy_sets import make_rollout_set, make_score_set, rollout_records
+
+from lopd import location
+from lopd.cache import open_cache
+from lopd.cache.layout import shard_bytes, shard_checksum
+from lopd.cache.score_set import shard_location
+from lopd.cli import main
+from lopd.cost.ledger import append_row
+from lopd.errors import LopdError
+
+SET_ID = "s-r-bucket"
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory) -> Path:
+    """A storage root holding one rollout set (40 rows), its score set (3 shards of 16 rows) and a ledger row."""
+    root = tmp_path_factory.mktemp("cache-bucket")
+    rollouts = make_rollout_set(root / "rollouts" / "r-bucket", rollout_records([[1.0, 0.0]] * 20))
+    make_score_set(root, rollouts)
+    append_row(root, {"experiment": "exp-a", "stage": "score", "artifact": SET_ID, "inputs": ["r-bucket"],
+                      "device_kind": "cpu", "device_count": 1})
+    return root
+
+
+@pytest.fixture
+def bucket(local: Path, bucket_root: str) -> str:
+    """The local root copied into a fresh bucket prefix; returns the bucket root URL."""
+    fs, prefix = location.filesystem(bucket_root)
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.pipe_file(f"{prefix}/{file.relative_to(local).as_posix()}", file.read_bytes())
+    return bucket_root
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """`lopd ARGS...` in this process: exit code and stdout (stderr apart)."""
+    result = CliRunner().invoke(main, list(args), prog_name="lopd")
+    return result.exit_code, result.stdout
+
+
+def test_locations_keep_local_paths_and_normalise_urls(tmp_path: Path):
+    assert location.as_location(f"file://{tmp_path}") == tmp_path
+    assert location.as_location(str(tmp_path)) == tmp_path
+    url = location.join("s3://b/prefix/scores/s1", "../../rollouts/r1")
+    assert url == "s3://b/prefix/rollouts/r1" and location.name(url) == "r1"
+    assert location.parent(url) == "s3://b/prefix/rollouts" and location.is_bucket(url)
+
+
+def test_cache_commands_on_a_bucket_answer_as_on_the_local_copy(local: Path, bucket: str, tmp_path: Path):
+    listed = {}
+    for root in (str(local), bucket):
+        code, out = cli("cache", "ls", "--root", root, "--json")
+        assert code == 0, out
+        listed[root] = json.loads(out)
+    assert [e.pop("path") for e in listed[bucket]] == [f"{bucket}/scores/{SET_ID}"]
+    [entry] = listed[bucket]
+    assert entry["experiments"] == ["exp-a"] and entry["rows"] == 40 and entry["bytes"] > 0
+    assert [dict(e, path=None) for e in listed[str(local)]] == [dict(entry, path=None)]
+    assert cli("cache", "ls", "--root", bucket)[1] == cli("cache", "ls", "--root", str(local))[1]
+
+    local_manifest = cli("cache", "show", "s-r", "--root", str(local))[1]
+    for ref in ("s-r", SET_ID, f"{bucket}/scores/{SET_ID}"):  # id prefix, id, URL
+        assert cli("cache", "show", ref, "--root", bucket) == (0, local_manifest)
+    result = CliRunner().invoke(main, ["cache", "show", "nothing", "--root", bucket], prog_name="lopd")
+    assert result.exit_code != 0 and "no score set matches 'nothing'" in result.stderr
+
+    assert cli("cache", "verify", "--root", bucket) == (0, f"{SET_ID}: ok\n")
+    assert cli("cache", "verify", "s-r", "--root", bucket, "--json") == cli("cache", "verify", "s-r", "--root",
+                                                                           str(local), "--json")
+
+    tables = []
+    for root in (str(local), bucket):
+        out = tmp_path / f"{len(tables)}.parquet"
+        assert cli("cache", "export", "s-r", "--root", root, "--out", str(out)) == (0, f"{out}\n")
+        tables.append(pq.read_table(out))
+    assert tables[0].num_rows == 40 and tables[0].equals(tables[1])
+
+
+def test_a_score_set_in_a_bucket_reads_as_the_local_one(local: Path, bucket: str):
+    here, there = open_cache(local / "scores" / SET_ID), open_cache(f"{bucket}/scores/{SET_ID}")
+    assert there.manifest == here.manifest and len(there) == len(here) == 40
+    for name, entry in here.manifest["shards"].items():
+        shard = shard_location(there.path, name)
+        assert (shard_checksum(shard), shard_bytes(shard)) == (entry["checksum"], entry["bytes"])
+    for i in range(len(here)):
+        a, b = here[i], there[i]
+        for field in ("prompt_ids", "response_ids", "behaviour_logprobs", "teacher_logprobs", "topk_ids",
+                      "topk_logprobs", "tail_logprob"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        assert (a.reward, a.group_id) == (b.reward, b.group_id)
+
+
+def test_verify_finds_a_damaged_and_a_missing_shard_in_the_bucket(bucket: str):
+    fs, _ = location.filesystem(bucket)
+    set_url = f"{bucket}/scores/{SET_ID}"
+    chunk = next(where for relative, where, _ in location.files(shard_location(set_url, "00001"))
+                 if "/c/" in relative)
+    fs.pipe_file(location.filesystem(chunk)[1], b"not what was scored")
+    fs.rm(location.filesystem(shard_location(set_url, "00002"))[1], recursive=True)
+
+    code, out = cli("cache", "verify", "--root", bucket, "--json")
+    assert code == 1
+    assert json.loads(out) == {SET_ID: ["shard 00001: checksum mismatch (truncated or modified)",
+                                        "shard 00002: missing"]}
+    cache = open_cache(set_url)
+    assert cache[0].teacher_logprobs.size  # shard 00000 is intact
+    with pytest.raises(LopdError, match="shard 00001 is corrupt"):
+        cache[16]
+    with pytest.raises(LopdError, match="shard 00002 is missing"):
+        cache[32]
+
+
+def test_cache_commands_that_write_still_refuse_a_bucket_root(bucket: str):
+    for args in (["cache", "gc"], ["cache", "repair", SET_ID]):
+        result = CliRunner().invoke(main, [*args, "--root", bucket], prog_name="lopd")
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        assert f"lopd {' '.join(args[:2])} does not yet accept a bucket root ({bucket})" in lines[0]
