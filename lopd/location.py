@@ -50,7 +50,7 @@ def resolve(where: Location) -> Location:
     return where.resolve() if isinstance(where, Path) else where
 
 
-def name(where: Location) -> str:
+def basename(where: Location) -> str:
     return where.name if isinstance(where, Path) else posixpath.basename(where)
 
 
@@ -114,3 +114,31 @@ def files(where: Location) -> list[tuple[str, Location, int]]:
         found = [(key[len(path):].lstrip("/"), join(where, key[len(path):].lstrip("/")), int(info["size"]))
                  for key, info in listing.items() if info.get("type") == "file"]
     return sorted(found, key=lambda item: item[0].split("/"))
+
+
+def write_bytes(where: Location, data: bytes) -> None:
+    """Replace the object (one PUT, so readers see the old bytes or the new, never a mix). Bucket locations only:
+    local files keep their write-then-rename helpers (lopd.storage.write_json_atomic)."""
+    fs, path = filesystem(where)
+    fs.pipe_file(path, data)
+
+
+def create(where: Location, data: bytes) -> bool:
+    """Create the object only if it does not exist yet, atomically (S3's conditional PUT, `If-None-Match: *`):
+    True when this call created it, False when it was already there. Of writers racing to create one object, exactly
+    one gets True; this is the commit point of the bucket write protocol (lopd.cache.bucket_set)."""
+    fs, path = filesystem(where)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
+def remove(where: Location) -> None:
+    """Delete the object or everything under the prefix; nothing to delete is no error."""
+    fs, path = filesystem(where)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass

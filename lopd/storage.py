@@ -84,7 +84,7 @@ def find_artifact(directory: Location, ref: str, marker: str, noun: str) -> Loca
     matches = sorted(location.parent(p) for p in location.glob(directory, pattern)) if is_id else []
     if len(matches) > 1:
         raise LopdError(f"{noun} id prefix {ref!r} is ambiguous under {directory}: it matches "
-                        f"{', '.join(location.name(p) for p in matches)}; give more of the id")
+                        f"{', '.join(location.basename(p) for p in matches)}; give more of the id")
     if matches:
         return matches[0]
     if location.exists(given):

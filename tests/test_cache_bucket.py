@@ -7,6 +7,10 @@ teacher) in a local root, and copied object by object under `s3://<bucket>/prefi
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +21,13 @@ from toy_sets import make_rollout_set, make_score_set, rollout_records
 
 from lopd import location
 from lopd.cache import open_cache
-from lopd.cache.layout import shard_bytes, shard_checksum
+from lopd.cache.bucket_set import score_set_writer
+from lopd.cache.layout import read_shard, shard_bytes, shard_checksum
 from lopd.cache.score_set import shard_location
 from lopd.cli import main
 from lopd.cost.ledger import append_row
 from lopd.errors import LopdError
+from lopd.rollout_set import RolloutSet
 
 SET_ID = "s-r-bucket"
 
@@ -56,7 +62,7 @@ def test_locations_keep_local_paths_and_normalise_urls(tmp_path: Path):
     assert location.as_location(f"file://{tmp_path}") == tmp_path
     assert location.as_location(str(tmp_path)) == tmp_path
     url = location.join("s3://b/prefix/scores/s1", "../../rollouts/r1")
-    assert url == "s3://b/prefix/rollouts/r1" and location.name(url) == "r1"
+    assert url == "s3://b/prefix/rollouts/r1" and location.basename(url) == "r1"
     assert location.parent(url) == "s3://b/prefix/rollouts" and location.is_bucket(url)
 
 
@@ -130,3 +136,79 @@ def test_cache_commands_that_write_still_refuse_a_bucket_root(bucket: str):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1, result.stderr
         assert f"lopd {' '.join(args[:2])} does not yet accept a bucket root ({bucket})" in lines[0]
+
+
+def _rows(cache) -> list[tuple]:
+    return [tuple(np.asarray(getattr(cache[i], f)).tobytes() for f in ("teacher_logprobs", "topk_ids", "topk_logprobs",
+                                                                        "tail_logprob")) for i in range(len(cache))]
+
+
+def _bucket_with_rollouts(local: Path, bucket_root: str) -> RolloutSet:
+    """Only the rollout set copied into the bucket (the score set is to be written there)."""
+    fs, prefix = location.filesystem(bucket_root)
+    for file in (local / "rollouts" / "r-bucket").iterdir():
+        fs.pipe_file(f"{prefix}/rollouts/r-bucket/{file.name}", file.read_bytes())
+    return RolloutSet.open(f"{bucket_root}/rollouts/r-bucket")
+
+
+def test_a_score_set_written_to_a_bucket_equals_the_local_one(local: Path, bucket_root: str):
+    rollouts = _bucket_with_rollouts(local, bucket_root)
+    there = make_score_set(bucket_root, rollouts)
+    here = open_cache(local / "scores" / SET_ID)
+    assert there.path == f"{bucket_root}/scores/{SET_ID}" and there.manifest["complete"]
+    assert _rows(there) == _rows(here)
+    strip = {"attempt", "teacher_seconds"}
+    assert ({n: {k: v for k, v in e.items() if k not in strip} for n, e in there.manifest["shards"].items()}
+            == here.manifest["shards"])  # same bytes per shard: same checksums
+    assert cli("cache", "verify", "--root", bucket_root) == (0, f"{SET_ID}: ok\n")
+
+
+def test_two_writers_of_one_shard_commit_exactly_one_copy(local: Path, bucket_root: str):
+    set_url = f"{bucket_root}/scores/{SET_ID}"
+    header = dict(open_cache(local / "scores" / SET_ID).manifest)
+    arrays = read_shard(local / "scores" / SET_ID / "shards" / "00000")
+    first, second = (score_set_writer(set_url, header, rows_per_shard=16) for _ in range(2))
+    plan = first.plan(40)[0]
+    with first.claim(plan) as a, second.claim(plan) as b:
+        assert a and b  # no locks on a bucket: both may compute the shard
+        first.commit(plan, arrays)
+        second.commit(plan, arrays)  # loses the conditional PUT and removes its own attempt
+    [entry] = second.manifest()["shards"].values()
+    attempts = [location.basename(p) for p in location.glob(f"{set_url}/shards", "*")]
+    assert attempts == [f"00000-{entry['attempt']}"]
+    with first.claim(plan) as again:
+        assert not again
+    other = dict(header, id="s-other")
+    with pytest.raises(LopdError, match="already holds a different score set"):
+        score_set_writer(set_url, other, rows_per_shard=16)
+
+
+WRITE_TO_BUCKET = """
+import sys
+sys.path.insert(0, "tests")
+from lopd.rollout_set import RolloutSet
+from toy_sets import make_score_set
+make_score_set(sys.argv[1], RolloutSet.open(sys.argv[1] + "/rollouts/r-bucket"))
+"""
+
+
+def test_a_writer_killed_before_its_commit_leaves_no_visible_shard(local: Path, bucket_root: str):
+    _bucket_with_rollouts(local, bucket_root)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), LOPD_CRASH_AT="shard_staged:2")
+    killed = subprocess.run([sys.executable, "-c", WRITE_TO_BUCKET, bucket_root], env=env, capture_output=True,
+                            check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+
+    set_url = f"{bucket_root}/scores/{SET_ID}"
+    manifest = json.loads(cli("cache", "show", SET_ID, "--root", bucket_root)[1])
+    assert sorted(manifest["shards"]) == ["00000"] and not manifest["complete"]
+    assert len(location.glob(f"{set_url}/shards", "00001-*")) == 1  # the killed attempt's objects, unreferenced
+    code, out = cli("cache", "verify", "--root", bucket_root, "--json")
+    assert code == 1 and json.loads(out)[SET_ID][0].startswith("incomplete")
+    with pytest.raises(LopdError, match="incomplete"):
+        open_cache(set_url)
+
+    env.pop("LOPD_CRASH_AT")
+    subprocess.run([sys.executable, "-c", WRITE_TO_BUCKET, bucket_root], env=env, check=True, capture_output=True)
+    assert cli("cache", "verify", "--root", bucket_root) == (0, f"{SET_ID}: ok\n")
+    assert _rows(open_cache(set_url)) == _rows(open_cache(local / "scores" / SET_ID))

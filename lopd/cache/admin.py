@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lopd.cache.reader import ScoreCache
-from lopd.cache.score_set import MANIFEST, damaged_shards, scores_dir
+from lopd.cache.score_set import MANIFEST, damaged_shards, read_manifest, scores_dir
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
 from lopd.location import Location, glob, join, parent, resolve
@@ -38,7 +38,7 @@ def entries(root: Location) -> list[dict[str, Any]]:
     used = usage(root)
     out = []
     for manifest_path in sorted(glob(scores_dir(root), f"*/{MANIFEST}")):
-        manifest = read_json(manifest_path)
+        manifest = read_manifest(parent(manifest_path))
         shards = manifest["shards"].values()
         size = sum(s["bytes"] for s in shards)
         positions = sum(s["positions"] for s in shards)
@@ -60,7 +60,7 @@ def find(root: Location, ref: str) -> Location:
 
 def verify(path: Location) -> list[str]:
     """Problems found (empty when the score set is intact): missing or corrupt shards, a changed rollout set."""
-    manifest = read_json(join(path, MANIFEST))
+    manifest = read_manifest(path)
     problems = []
     if not manifest.get("complete"):
         problems.append("incomplete: scoring was interrupted; rerun the same `lopd score`")

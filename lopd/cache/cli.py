@@ -9,9 +9,9 @@ import click
 
 from lopd import location
 from lopd.cache import admin
-from lopd.cache.score_set import MANIFEST
+from lopd.cache.score_set import read_manifest
 from lopd.errors import LopdError
-from lopd.storage import read_json, resolve_root, root_location
+from lopd.storage import resolve_root, root_location
 
 ROOT = click.option("--root", type=click.Path(file_okay=False), default=None, help="Storage root.")
 # The commands that only read score sets take a bucket root too (lopd.location); the others refuse one.
@@ -66,7 +66,7 @@ def ls(root, as_json):
 @READ_ROOT
 def show(ref, root):
     """The manifest of one score set (id, id prefix or path)."""
-    click.echo(json.dumps(read_json(location.join(admin.find(root_location(root), ref), MANIFEST)), indent=1))
+    click.echo(json.dumps(read_manifest(admin.find(root_location(root), ref)), indent=1))
 
 
 @cache.command()
@@ -77,13 +77,13 @@ def verify(ref, root, as_json):
     """Check every shard's checksum (one score set, or all); exit 1 when something is wrong."""
     root = root_location(root)
     paths = [admin.find(root, ref)] if ref else [location.as_location(e["path"]) for e in admin.entries(root)]
-    report = {location.name(p): admin.verify(p) for p in paths}
+    report = {location.basename(p): admin.verify(p) for p in paths}
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
         for name, problems in report.items():
             click.echo(f"{name}: {'ok' if not problems else '; '.join(problems)}")
-        for path in (p for p in paths if report[location.name(p)]):
+        for path in (p for p in paths if report[location.basename(p)]):
             click.echo(f"repair: lopd cache repair {path}", err=True)
     if any(report.values()):
         raise SystemExit(1)

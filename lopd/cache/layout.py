@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -196,13 +195,20 @@ def decode_arrays(stored: dict[str, np.ndarray], inplace: bool = False) -> dict[
 
 # ---- Zarr I/O ----------------------------------------------------------------------------------------------------
 
-def write_shard(path: Path, arrays: dict[str, np.ndarray], *, encode: bool = True, codec: Codec = DEFAULT_CODEC) -> None:
+def _group_store(path: Location, read_only: bool = True) -> str | FsspecStore:
+    """Where `zarr.open_group` finds a shard: the local directory, or zarr's fsspec store on a bucket prefix."""
+    if is_bucket(path):
+        return FsspecStore.from_url(path, read_only=read_only)
+    return str(path)
+
+
+def write_shard(path: Location, arrays: dict[str, np.ndarray], *, encode: bool = True, codec: Codec = DEFAULT_CODEC) -> None:
     stored = encode_arrays(arrays) if encode else dict(arrays)
     attributes = {"lopd_format_version": FORMAT_VERSION}
     if encode:
         attributes["lopd_encoded"] = {name: list(parts) for name, parts in ENCODED.items() if parts[0] in stored}
         attributes["lopd_dtypes"] = {name: str(data.dtype) for name, data in arrays.items()}
-    group = zarr.open_group(str(path), mode="w", attributes=attributes)
+    group = zarr.open_group(_group_store(path, read_only=False), mode="w", attributes=attributes)
     for name, data in stored.items():
         rows = data.shape[0]
         chunk = (min(CHUNK_POSITIONS, max(rows, 1)),) + data.shape[1:]
@@ -213,13 +219,6 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], *, encode: bool = Tru
             name, shape=data.shape, dtype=data.dtype, chunks=chunk, shards=(chunk[0] * n_chunks,) + data.shape[1:],
             filters=filters, compressors=codec.compressor(data.dtype), fill_value=0,
         )[...] = data
-
-
-def _group_store(path: Location) -> str | FsspecStore:
-    """What `zarr.open_group` reads a shard from: the local directory, or zarr's fsspec store on a bucket."""
-    if is_bucket(path):
-        return FsspecStore.from_url(path, read_only=True)
-    return str(path)
 
 
 def read_stored(path: Location) -> dict[str, np.ndarray]:

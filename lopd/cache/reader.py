@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 
 from lopd.cache.layout import FORMAT_VERSION, read_shard, shard_checksum
-from lopd.cache.score_set import MANIFEST, shard_location
+from lopd.cache.score_set import MANIFEST, read_manifest, shard_location
 from lopd.errors import LopdError
 from lopd.location import as_location, is_dir, is_file, join, resolve
 from lopd.rollout_set import RolloutSet
-from lopd.storage import read_json
 
 
 @dataclass
@@ -58,7 +57,7 @@ class ScoreCache:
         manifest_path = join(self.path, MANIFEST)
         if not is_file(manifest_path):
             raise LopdError(f"{self.path} holds no score set (no {MANIFEST}); create one with `lopd score`")
-        self.manifest: dict[str, Any] = read_json(manifest_path)
+        self.manifest: dict[str, Any] = read_manifest(self.path)
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise LopdError(f"score set {self.path} has format version {version}; this lopd reads version {FORMAT_VERSION}")
@@ -100,8 +99,7 @@ class ScoreCache:
             self._shards.move_to_end(name)
         else:
             entry = self.manifest["shards"].get(name)
-            shard_dir = shard_location(self.path, name)
-            if entry is None or not is_dir(shard_dir):
+            if entry is None or not is_dir(shard_dir := shard_location(self.path, name, entry)):
                 raise LopdError(f"score set {self.id}: shard {name} is missing; {REPAIR_HINT.format(id=self.id)}")
             if self.verify and shard_checksum(shard_dir) != entry["checksum"]:
                 raise LopdError(f"score set {self.id}: shard {name} is corrupt (checksum mismatch); "
