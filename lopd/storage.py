@@ -66,7 +66,7 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
         context = click.get_current_context(silent=True)
         who = context.command_path if context else "this lopd command"
         raise LopdError(f"{who} does not yet accept a bucket root ({root_url(root)}); use a local path "
-                        "(only `lopd cost`, `lopd report --out FILE` and `lopd cache ls/show/verify/export` read a bucket root so far)")
+                        "(only `lopd cost`, `lopd report --out FILE` and `lopd cache ls/show/verify/gc/export` read a bucket root so far)")
     local.mkdir(parents=True, exist_ok=True)
     return local
 

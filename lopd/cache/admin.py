@@ -18,7 +18,16 @@ from lopd.cache.reader import ScoreCache
 from lopd.cache.score_set import MANIFEST, damaged_shards, read_manifest, scores_dir
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
-from lopd.location import Location, glob, join, parent, resolve
+from lopd.location import (
+    Location,
+    as_location,
+    glob,
+    is_bucket,
+    join,
+    parent,
+    remove,
+    resolve,
+)
 from lopd.rollout_set import RolloutSet, rollouts_dir
 from lopd.storage import find_artifact, read_json
 
@@ -75,24 +84,27 @@ def verify(path: Location) -> list[str]:
     return problems
 
 
-def garbage(root: Path) -> list[Path]:
+def garbage(root: Location) -> list[Location]:
     """Score sets and rollout sets no experiment references (and that no kept score set needs)."""
     used = usage(root)
-    doomed = [Path(e["path"]) for e in entries(root) if not e["experiments"]]
-    kept_rollouts = {read_json(p / MANIFEST)["rollout_set"]["id"]
-                     for p in (Path(e["path"]) for e in entries(root)) if p not in doomed}
-    for meta in sorted(rollouts_dir(root).glob("*/meta.json")):
+    sets = entries(root)
+    doomed = [as_location(e["path"]) for e in sets if not e["experiments"]]
+    kept_rollouts = {e["rollout_set"] for e in sets if e["experiments"]}
+    for meta in sorted(glob(rollouts_dir(root), "*/meta.json")):
         rollout_id = read_json(meta)["id"]
         if rollout_id not in used and rollout_id not in kept_rollouts:
-            doomed.append(meta.parent)
+            doomed.append(parent(meta))
     return doomed
 
 
-def collect(root: Path, dry_run: bool) -> list[Path]:
+def collect(root: Location, dry_run: bool) -> list[Location]:
     doomed = garbage(root)
     if not dry_run:
         for path in doomed:
-            shutil.rmtree(path)
+            if is_bucket(path):
+                remove(path)
+            else:
+                shutil.rmtree(path)
     return doomed
 
 

@@ -14,8 +14,8 @@ from lopd.errors import LopdError
 from lopd.storage import resolve_root, root_location
 
 ROOT = click.option("--root", type=click.Path(file_okay=False), default=None, help="Storage root.")
-# The commands that only read score sets take a bucket root too (lopd.location); the others refuse one.
-READ_ROOT = click.option("--root", default=None,
+# The commands that read or remove whole score sets take a bucket root too (lopd.location); the others refuse one.
+BUCKET_ROOT = click.option("--root", default=None,
                          help="Storage root: a directory or a bucket URL such as s3://bucket/prefix.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -44,7 +44,7 @@ def report_score(result) -> None:
 
 
 @cache.command("ls")
-@READ_ROOT
+@BUCKET_ROOT
 @JSON
 def ls(root, as_json):
     """Score sets: size, bytes per position, teacher, k, and the experiments that used each."""
@@ -63,7 +63,7 @@ def ls(root, as_json):
 
 @cache.command()
 @click.argument("ref")
-@READ_ROOT
+@BUCKET_ROOT
 def show(ref, root):
     """The manifest of one score set (id, id prefix or path)."""
     click.echo(json.dumps(read_manifest(admin.find(root_location(root), ref)), indent=1))
@@ -71,7 +71,7 @@ def show(ref, root):
 
 @cache.command()
 @click.argument("ref", required=False)
-@READ_ROOT
+@BUCKET_ROOT
 @JSON
 def verify(ref, root, as_json):
     """Check every shard's checksum (one score set, or all); exit 1 when something is wrong."""
@@ -107,11 +107,11 @@ def repair(ref, teacher, experiment, root):
 
 @cache.command()
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
-@ROOT
+@BUCKET_ROOT
 @JSON
 def gc(dry_run, root, as_json):
     """Remove score sets and rollout sets that no experiment in the ledger references."""
-    removed = admin.collect(resolve_root(root), dry_run)
+    removed = admin.collect(root_location(root), dry_run)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": [str(p) for p in removed]}, indent=1))
     else:
@@ -125,7 +125,7 @@ def gc(dry_run, root, as_json):
 @click.argument("ref")
 @click.option("--format", "fmt", type=click.Choice(["parquet"]), default="parquet", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
-@READ_ROOT
+@BUCKET_ROOT
 def export(ref, fmt, out, root):
     """Export a score set joined with its rollouts as one Parquet table (one row per sequence)."""
     if Path(out).exists():
