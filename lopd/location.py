@@ -63,24 +63,35 @@ def filesystem(where: Location) -> tuple[AbstractFileSystem, str]:
     return url_to_fs(os.fspath(where))
 
 
+def _fresh(where: str) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and path of a bucket location, with fsspec's cached listings of it, its parents and everything
+    under it dropped: other machines write to the bucket, and a listing this process made earlier would hide what
+    they wrote since."""
+    fs, path = filesystem(where)
+    for key in [k for k in fs.dircache if k.startswith(f"{path}/")]:
+        fs.dircache.pop(key, None)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def is_file(where: Location) -> bool:
     if isinstance(where, Path):
         return where.is_file()
-    fs, path = filesystem(where)
+    fs, path = _fresh(where)
     return fs.isfile(path)
 
 
 def is_dir(where: Location) -> bool:
     if isinstance(where, Path):
         return where.is_dir()
-    fs, path = filesystem(where)
+    fs, path = _fresh(where)
     return fs.isdir(path)
 
 
 def exists(where: Location) -> bool:
     if isinstance(where, Path):
         return where.exists()
-    fs, path = filesystem(where)
+    fs, path = _fresh(where)
     return fs.exists(path)
 
 
@@ -92,12 +103,10 @@ def read_bytes(where: Location) -> bytes:
 
 
 def glob(where: Location, pattern: str) -> list[Location]:
-    """The locations under `where` matching the relative glob `pattern`. A bucket's listing is read afresh, so that
-    a command sees what other machines wrote since this process last listed it."""
+    """The locations under `where` matching the relative glob `pattern` (a bucket's listing read afresh)."""
     if isinstance(where, Path):
         return list(where.glob(pattern))
-    fs, path = filesystem(where)
-    fs.invalidate_cache(path)
+    fs, path = _fresh(where)
     protocol = where.split("://", 1)[0]
     return [f"{protocol}://{match}" for match in fs.glob(f"{path}/{pattern}")]
 
@@ -108,8 +117,7 @@ def files(where: Location) -> list[tuple[str, Location, int]]:
     if isinstance(where, Path):
         found = [(p.relative_to(where).as_posix(), p, p.stat().st_size) for p in where.rglob("*") if p.is_file()]
     else:
-        fs, path = filesystem(where)
-        fs.invalidate_cache(path)
+        fs, path = _fresh(where)
         listing = fs.find(path, detail=True)
         found = [(key[len(path):].lstrip("/"), join(where, key[len(path):].lstrip("/")), int(info["size"]))
                  for key, info in listing.items() if info.get("type") == "file"]

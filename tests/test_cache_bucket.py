@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+from child_env import subprocess_env
 from click.testing import CliRunner
-from toy_sets import make_rollout_set, make_score_set, rollout_records
+from safetensors.torch import load_file
+from toy_sets import STUDENT, make_rollout_set, make_score_set, rollout_records
 
 from lopd import location
 from lopd.cache import open_cache
@@ -223,3 +226,22 @@ def test_a_writer_killed_before_its_commit_leaves_no_visible_shard(local: Path, 
     subprocess.run([sys.executable, "-c", WRITE_TO_BUCKET, bucket_root], env=env, check=True, capture_output=True)
     assert cli("cache", "verify", "--root", bucket_root) == (0, f"{SET_ID}: ok\n")
     assert _rows(open_cache(set_url)) == _rows(open_cache(local / "scores" / SET_ID))
+
+
+def test_training_reads_a_score_set_from_the_bucket(local: Path, bucket: str, tmp_path: Path):
+    """`lopd train --cache s3://...` (the storage root itself stays local): the same weights as from the local set."""
+    trained = []
+    for ref in (str(local / "scores" / SET_ID), f"{bucket}/scores/{SET_ID}"):
+        out = tmp_path / f"out{len(trained)}"
+        env = subprocess_env() | {"OMP_NUM_THREADS": "1"}
+        result = subprocess.run(
+            [sys.executable, "-m", "lopd.cli", "train", "--student", STUDENT, "--cache", ref, "--out", str(out),
+             "--root", str(tmp_path / "root"), "--loss", "rkl_topk", "--steps", "2", "--batch-size", "8", "--lr",
+             "1e-3", "--seed", "1", "--allow-teacher-mismatch"],
+            env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (weights,) = out.glob("*.safetensors")
+        trained.append(load_file(weights))
+    assert trained[0].keys() == trained[1].keys()
+    for name in trained[0]:
+        assert torch.equal(trained[0][name], trained[1][name]), name
