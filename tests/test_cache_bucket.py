@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from toy_sets import STUDENT, make_rollout_set, make_score_set, rollout_records
 
 from lopd import location
-from lopd.cache import open_cache
+from lopd.cache import layout, open_cache
 from lopd.cache.bucket_set import score_set_writer
 from lopd.cache.layout import read_shard, shard_bytes, shard_checksum
 from lopd.cache.score_set import shard_location
@@ -111,6 +111,17 @@ def test_a_score_set_in_a_bucket_reads_as_the_local_one(local: Path, bucket: str
                       "topk_logprobs", "tail_logprob"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
         assert (a.reward, a.group_id) == (b.reward, b.group_id)
+
+
+def test_a_bucket_shard_is_fetched_once_to_check_and_decode(local: Path, bucket: str, monkeypatch):
+    expected = open_cache(local / "scores" / SET_ID)[20].topk_ids
+    fetched = []
+    monkeypatch.setattr(layout, "read_bytes", lambda where: fetched.append(where) or location.read_bytes(where))
+    monkeypatch.setattr(layout, "FsspecStore", None)  # zarr must decode from the fetched bytes, not read again
+    cache = open_cache(f"{bucket}/scores/{SET_ID}")
+    np.testing.assert_array_equal(cache[20].topk_ids, expected)
+    shard = shard_location(cache.path, "00001")
+    assert sorted(fetched) == sorted(where for _, where, _ in location.files(shard))
 
 
 def test_verify_finds_a_damaged_and_a_missing_shard_in_the_bucket(bucket: str):

@@ -23,12 +23,15 @@ arrays are stored as-is (`write_shard(..., encode=False)`, the layout of the fir
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BloscShuffle, TransposeCodec, ZstdCodec
-from zarr.storage import FsspecStore
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import FsspecStore, MemoryStore
 
 from lopd.location import Location, files, is_bucket, read_bytes
 
@@ -221,10 +224,14 @@ def write_shard(path: Location, arrays: dict[str, np.ndarray], *, encode: bool =
         )[...] = data
 
 
+def _read_group(store: str | Store) -> dict[str, np.ndarray]:
+    group = zarr.open_group(store, mode="r")
+    return {name: array[...] for name, array in group.arrays()}
+
+
 def read_stored(path: Location) -> dict[str, np.ndarray]:
     """The arrays as stored (encoded), by name."""
-    group = zarr.open_group(_group_store(path), mode="r")
-    return {name: array[...] for name, array in group.arrays()}
+    return _read_group(_group_store(path))
 
 
 def read_shard(path: Location) -> dict[str, np.ndarray]:
@@ -232,14 +239,33 @@ def read_shard(path: Location) -> dict[str, np.ndarray]:
     return decode_arrays(read_stored(path), inplace=True)
 
 
+def read_shard_checked(path: Location, checksum: str | None) -> dict[str, np.ndarray] | None:
+    """`read_shard` after checking the shard's files against `checksum` (None: no check); None when they differ.
+
+    A bucket shard is fetched once, checksummed and decoded from memory, so its bytes cross the network once; a
+    local shard is checksummed, then read from disk again (the page cache holds it)."""
+    if not is_bucket(path):
+        return None if checksum is not None and shard_checksum(path) != checksum else read_shard(path)
+    fetched = {relative: read_bytes(file) for relative, file, _ in files(path)}
+    if checksum is not None and _digest(fetched.items()) != checksum:
+        return None
+    buffer = default_buffer_prototype().buffer
+    store = MemoryStore({key: buffer.from_bytes(data) for key, data in fetched.items()}, read_only=True)
+    return decode_arrays(_read_group(store), inplace=True)
+
+
+def _digest(named_bytes: Iterable[tuple[str, bytes]]) -> str:
+    h = hashlib.sha256()
+    for relative, data in named_bytes:
+        h.update(relative.encode())
+        h.update(data)
+    return h.hexdigest()
+
+
 def shard_checksum(path: Location) -> str:
     """sha256 over every file of the shard (relative path + bytes), in sorted order; the same digest whether the
-    shard lies in a local directory or under a bucket prefix."""
-    h = hashlib.sha256()
-    for relative, file, _ in files(path):
-        h.update(relative.encode())
-        h.update(read_bytes(file))
-    return h.hexdigest()
+    shard lies in a local directory or under a bucket prefix. Files are read one at a time."""
+    return _digest((relative, read_bytes(file)) for relative, file, _ in files(path))
 
 
 def shard_bytes(path: Location) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lopd.cache.layout import FORMAT_VERSION, read_shard, shard_checksum
+from lopd.cache.layout import FORMAT_VERSION, read_shard_checked
 from lopd.cache.score_set import MANIFEST, read_manifest, shard_location
 from lopd.errors import LopdError
 from lopd.location import as_location, is_dir, is_file, join, resolve
@@ -101,14 +101,14 @@ class ScoreCache:
             entry = self.manifest["shards"].get(name)
             if entry is None or not is_dir(shard_dir := shard_location(self.path, name, entry)):
                 raise LopdError(f"score set {self.id}: shard {name} is missing; {REPAIR_HINT.format(id=self.id)}")
-            if self.verify and shard_checksum(shard_dir) != entry["checksum"]:
-                raise LopdError(f"score set {self.id}: shard {name} is corrupt (checksum mismatch); "
-                                f"{REPAIR_HINT.format(id=self.id)}")
             try:
-                arrays = read_shard(shard_dir)
+                arrays = read_shard_checked(shard_dir, entry["checksum"] if self.verify else None)
             except Exception as exc:  # zarr/codec errors on damaged bytes
                 raise LopdError(f"score set {self.id}: shard {name} cannot be read ({exc}); "
                                 f"{REPAIR_HINT.format(id=self.id)}") from None
+            if arrays is None:
+                raise LopdError(f"score set {self.id}: shard {name} is corrupt (checksum mismatch); "
+                                f"{REPAIR_HINT.format(id=self.id)}")
             self.decodes += 1
             self._shards[name] = arrays
             while len(self._shards) > self.max_decoded_shards:
