@@ -3,7 +3,9 @@
 A *location* is a `Path` when it lies on this machine (a plain path or a `file://` URL) and the URL string
 (`s3://bucket/prefix/...`, `gs://...`) otherwise. Local locations stay `Path`s so that code written for a local
 root keeps its exact behaviour (POSIX calls, `resolve()`, error messages); bucket locations go through fsspec.
-The helpers here are the few operations the read side of score and rollout sets needs, for either kind.
+The helpers here are the few operations score and rollout sets need on either kind, the create-if-absent write
+that commits a shard on a bucket included (lopd.cache.bucket_set). They take a location or anything `as_location`
+takes (a local path as a string is a local location).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def as_location(where: str | os.PathLike) -> Location:
 
 
 def is_bucket(where: Location) -> bool:
+    where = as_location(where)
     return not isinstance(where, Path)
 
 
@@ -47,19 +50,23 @@ def join(where: Location, *parts: str) -> Location:
 
 def resolve(where: Location) -> Location:
     """An absolute local path (symlinks followed), or the bucket URL as it is (already normalised)."""
+    where = as_location(where)
     return where.resolve() if isinstance(where, Path) else where
 
 
 def basename(where: Location) -> str:
+    where = as_location(where)
     return where.name if isinstance(where, Path) else posixpath.basename(where)
 
 
 def parent(where: Location) -> Location:
+    where = as_location(where)
     return where.parent if isinstance(where, Path) else posixpath.dirname(where)
 
 
 def filesystem(where: Location) -> tuple[AbstractFileSystem, str]:
     """The fsspec filesystem holding the location and the location's path on it."""
+    where = as_location(where)
     return url_to_fs(os.fspath(where))
 
 
@@ -75,6 +82,7 @@ def _fresh(where: str) -> tuple[AbstractFileSystem, str]:
 
 
 def is_file(where: Location) -> bool:
+    where = as_location(where)
     if isinstance(where, Path):
         return where.is_file()
     fs, path = _fresh(where)
@@ -82,6 +90,7 @@ def is_file(where: Location) -> bool:
 
 
 def is_dir(where: Location) -> bool:
+    where = as_location(where)
     if isinstance(where, Path):
         return where.is_dir()
     fs, path = _fresh(where)
@@ -89,6 +98,7 @@ def is_dir(where: Location) -> bool:
 
 
 def exists(where: Location) -> bool:
+    where = as_location(where)
     if isinstance(where, Path):
         return where.exists()
     fs, path = _fresh(where)
@@ -96,6 +106,7 @@ def exists(where: Location) -> bool:
 
 
 def read_bytes(where: Location) -> bytes:
+    where = as_location(where)
     if isinstance(where, Path):
         return where.read_bytes()
     fs, path = filesystem(where)
@@ -104,6 +115,7 @@ def read_bytes(where: Location) -> bytes:
 
 def glob(where: Location, pattern: str) -> list[Location]:
     """The locations under `where` matching the relative glob `pattern` (a bucket's listing read afresh)."""
+    where = as_location(where)
     if isinstance(where, Path):
         return list(where.glob(pattern))
     fs, path = _fresh(where)
@@ -114,6 +126,7 @@ def glob(where: Location, pattern: str) -> list[Location]:
 def files(where: Location) -> list[tuple[str, Location, int]]:
     """Every file under the directory `where` as (relative POSIX path, location, size in bytes), in the order of
     their relative paths' parts, which is the order `sorted(Path.rglob(...))` gives; empty when there is none."""
+    where = as_location(where)
     if isinstance(where, Path):
         found = [(p.relative_to(where).as_posix(), p, p.stat().st_size) for p in where.rglob("*") if p.is_file()]
     else:
@@ -127,6 +140,7 @@ def files(where: Location) -> list[tuple[str, Location, int]]:
 def write_bytes(where: Location, data: bytes) -> None:
     """Replace the object (one PUT, so readers see the old bytes or the new, never a mix). Bucket locations only:
     local files keep their write-then-rename helpers (lopd.storage.write_json_atomic)."""
+    where = as_location(where)
     fs, path = filesystem(where)
     fs.pipe_file(path, data)
 
@@ -135,6 +149,7 @@ def create(where: Location, data: bytes) -> bool:
     """Create the object only if it does not exist yet, atomically (S3's conditional PUT, `If-None-Match: *`):
     True when this call created it, False when it was already there. Of writers racing to create one object, exactly
     one gets True; this is the commit point of the bucket write protocol (lopd.cache.bucket_set)."""
+    where = as_location(where)
     fs, path = filesystem(where)
     try:
         fs.pipe_file(path, data, mode="create")
@@ -145,6 +160,7 @@ def create(where: Location, data: bytes) -> bool:
 
 def remove(where: Location) -> None:
     """Delete the object or everything under the prefix; nothing to delete is no error."""
+    where = as_location(where)
     fs, path = filesystem(where)
     try:
         fs.rm(path, recursive=True)
