@@ -5,6 +5,7 @@ re-tokenised after rollout, so the token ids stored here are exactly what teache
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 
 from lopd.errors import LopdError
 from lopd.fingerprint import file_digest
+from lopd.location import Location, as_location, filesystem, is_bucket, is_file, join
 from lopd.storage import read_json, write_json_atomic
 
 TABLE = "rollouts.parquet"
@@ -44,26 +46,27 @@ SCHEMA = pa.schema(
 )
 
 
-def rollouts_dir(root: Path) -> Path:
-    return root / "rollouts"
+def rollouts_dir(root: Location) -> Location:
+    return join(root, "rollouts")
 
 
 @dataclass
 class RolloutSet:
-    """A committed rollout set; columns are read lazily and kept in memory once read."""
+    """A committed rollout set, in a local directory or under a bucket prefix (`path` is a lopd.location);
+    columns are read lazily and kept in memory once read."""
 
-    path: Path
+    path: Location
 
     @classmethod
-    def open(cls, path: str | Path) -> "RolloutSet":
-        path = Path(path)
-        if not (path / META).is_file() or not (path / TABLE).is_file():
+    def open(cls, path: str | os.PathLike) -> "RolloutSet":
+        path = as_location(path)
+        if not is_file(join(path, META)) or not is_file(join(path, TABLE)):
             raise LopdError(f"{path} is not a rollout set (expected {TABLE} and {META}); create one with `lopd rollout`")
         return cls(path)
 
     @cached_property
     def meta(self) -> dict[str, Any]:
-        return read_json(self.path / META)
+        return read_json(join(self.path, META))
 
     @property
     def id(self) -> str:
@@ -71,7 +74,11 @@ class RolloutSet:
 
     @cached_property
     def table(self) -> pa.Table:
-        return pq.read_table(self.path / TABLE)
+        table = join(self.path, TABLE)
+        if is_bucket(table):  # pyarrow reads the object through the fsspec filesystem, in ranges
+            fs, key = filesystem(table)
+            return pq.read_table(key, filesystem=fs)
+        return pq.read_table(table)
 
     def __len__(self) -> int:
         return self.meta["num_rows"]

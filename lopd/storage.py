@@ -4,7 +4,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,11 @@ from typing import Any
 import click
 from fsspec.core import split_protocol
 
+from lopd import location
 from lopd.errors import LopdError
+from lopd.location import LOCAL_PROTOCOLS, URL, Location
 
 ENV_ROOT = "LOPD_ROOT"
-URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-LOCAL_PROTOCOLS = (None, "file", "local")
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
@@ -53,6 +52,12 @@ def local_root(root: str | os.PathLike | None) -> Path | None:
     return Path(path) if protocol in LOCAL_PROTOCOLS else None
 
 
+def root_location(root: str | os.PathLike | None) -> Location:
+    """The storage root as a location (lopd.location: a `Path` on this machine, else the bucket URL), created
+    nowhere: for the commands that only read and so work on a bucket root too."""
+    return location.as_location(root_url(root))
+
+
 def resolve_root(root: str | os.PathLike | None) -> Path:
     """The storage root as a local directory (created), for code that reaches it with POSIX calls; a bucket root is
     refused in one line, since that code does not work on object storage yet."""
@@ -61,25 +66,28 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
         context = click.get_current_context(silent=True)
         who = context.command_path if context else "this lopd command"
         raise LopdError(f"{who} does not yet accept a bucket root ({root_url(root)}); use a local path "
-                        "(only `lopd cost` and `lopd report --out FILE` read a bucket root so far)")
+                        "(only `lopd cost`, `lopd report --out FILE` and `lopd cache ls/show/verify/gc/export` read a bucket root so far)")
     local.mkdir(parents=True, exist_ok=True)
     return local
 
 
-def find_artifact(directory: Path, ref: str, marker: str, noun: str) -> Path:
+def find_artifact(directory: Location, ref: str, marker: str, noun: str) -> Location:
     """An artifact by path (a directory holding `marker`), by full id, or by unique id prefix under `directory`:
-    the one resolver behind every command that takes a rollout or score set, so ids work the same everywhere."""
-    for exact in (Path(ref), directory / ref):  # a full id wins even when it is also a prefix of another id
-        if ref and (exact / marker).is_file():
+    the one resolver behind every command that takes a rollout or score set, so ids work the same everywhere.
+    `directory` and the result are locations (lopd.location), so a bucket root resolves ids the same way."""
+    given = location.as_location(ref)
+    for exact in (given, location.join(directory, ref)):  # a full id wins even when it is also a prefix of another id
+        if ref and location.is_file(location.join(exact, marker)):
             return exact
     is_id = bool(ref) and Path(ref).name == ref  # no directory part: an id or id prefix
-    matches = sorted(p.parent for p in directory.glob(f"{glob.escape(ref)}*/{marker}")) if is_id else []
+    pattern = f"{glob.escape(ref)}*/{marker}"
+    matches = sorted(location.parent(p) for p in location.glob(directory, pattern)) if is_id else []
     if len(matches) > 1:
         raise LopdError(f"{noun} id prefix {ref!r} is ambiguous under {directory}: it matches "
-                        f"{', '.join(p.name for p in matches)}; give more of the id")
+                        f"{', '.join(location.basename(p) for p in matches)}; give more of the id")
     if matches:
         return matches[0]
-    if Path(ref).exists():
+    if location.exists(given):
         raise LopdError(f"{ref} is not a {noun} (it holds no {marker}); pass a {noun} directory or id")
     raise LopdError(f"no {noun} matches {ref!r} under {directory}; pass a {noun} directory, id or unique id prefix")
 
@@ -101,5 +109,6 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file on this machine or in a bucket (a path, or a URL as lopd.location takes it)."""
+    return json.loads(location.read_bytes(location.as_location(path)))

@@ -357,8 +357,9 @@ def test_trainer_data_path_keeps_at_most_the_configured_decoded_shards(many_shar
     config = TrainConfig(loss="rkl_topk", seed=0, max_decoded_shards=limit)
     cache = open_cache(many_shards, max_decoded_shards=config.max_decoded_shards)
     decoded: list[str] = []
-    real_read = reader.read_shard
-    monkeypatch.setattr(reader, "read_shard", lambda path: decoded.append(path.name) or real_read(path))
+    real_read = reader.read_shard_checked
+    monkeypatch.setattr(reader, "read_shard_checked",
+                        lambda path, checksum: decoded.append(path.name) or real_read(path, checksum))
     monkeypatch.setattr(distributed, "world_size", lambda: 2)  # this process is rank 1 of 2
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     stream = offline_batches(SequenceDataset(cache), config, micro=4, accumulation=1, pad_id=0)

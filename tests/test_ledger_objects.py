@@ -10,16 +10,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from lopd.cli import main
@@ -130,44 +123,6 @@ def test_old_sqlite_ledger_rows_still_in_its_wal_are_read(tmp_path: Path):
         con.close()
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server on a free local port, for the whole module; killed at teardown."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        server.kill()
-        server.wait()
-
-
-@pytest.fixture
-def bucket_root(s3_endpoint, monkeypatch) -> str:
-    """`s3://<fresh bucket>/prefix`, reached through the standard AWS variables only."""
-    import boto3
-
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    bucket = f"lopd-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/prefix"
-
-
 def test_concurrent_writers_on_a_bucket_and_lopd_cost_reads_them(bucket_root: str, tmp_path: Path):
     assert read_rows(bucket_root) == []  # no ledger yet: nothing listed, nothing created
     _write_concurrently(bucket_root, writers=4, count=10)
@@ -198,7 +153,7 @@ def test_concurrent_writers_on_a_bucket_and_lopd_cost_reads_them(bucket_root: st
 
 
 def test_bucket_root_is_refused_in_one_line_where_not_supported(bucket_root: str):
-    for args, needle in [(["cache", "ls"], "lopd cache ls does not yet accept a bucket root"),
+    for args, needle in [(["cache", "repair", "s-1"], "lopd cache repair does not yet accept a bucket root"),
                          (["report"], "pass --out FILE")]:
         result = CliRunner().invoke(main, [*args, "--root", bucket_root], prog_name="lopd")
         lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -8,7 +8,6 @@ sets written without an engine (tests/toy_sets.py), so each run takes seconds pl
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -18,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from child_env import subprocess_env
 from safetensors.torch import load_file
+from toy_sets import STUDENT, make_rollout_set, make_score_set, rollout_records
 
 from lopd.cost.ledger import read_rows
 from lopd.train.checkpoint import identity_change, run_identity
 from lopd.train.config import TrainConfig
-from toy_sets import STUDENT, make_rollout_set, make_score_set, rollout_records
 
 REWARDS = [[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1], [0, 1, 0, 0]]
 # 24 rows, micro-batches of 4, 2 per step: 3 steps an epoch, so 10 steps cross epoch boundaries (resume at 3 and 7).
@@ -38,16 +38,6 @@ def train_root(tmp_path_factory) -> Path:
     make_rollout_set(root / "rollouts" / "r-no-verifier", [dict(r, reward=None) for r in rollout_records(REWARDS)])
     make_score_set(root, make_rollout_set(root / "rollouts" / "r-poisoned", rollout_records(REWARDS)), poison=(5,))
     return root
-
-
-# A train() earlier in this pytest process (another test module) leaves a one-process launcher's RANK/MASTER_PORT in
-# os.environ while its process group still holds that port: a child must pick its own.
-LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-
-
-def subprocess_env() -> dict[str, str]:
-    """This process's environment for a child `lopd train`: no crash point, no inherited launcher variables."""
-    return {k: v for k, v in os.environ.items() if k != "LOPD_CRASH_AT" and k not in LAUNCHER_VARS}
 
 
 def lopd_train(root: Path, out: Path, *extra: str, crash_at: str | None = None,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lopd import location
 from lopd.cache import open_cache
-from lopd.cache.score_set import ScoreSetWriter
+from lopd.cache.bucket_set import score_set_writer
 from lopd.rollout_set import write_rollout_set
 from lopd.toy import STUDENT_BASE_DIR, TEACHER_DIR
 
@@ -54,21 +55,22 @@ def make_score_set(root, rollouts, k: int = 8, poison: tuple[int, ...] = (), nam
     """Teacher log-probs from a transformers forward pass over each rollout, written through the real writer.
 
     `poison`: rows whose teacher log-probs are stored as NaN (a broken teacher), for the trainer's non-finite guard.
+    `root` may be a bucket URL (the set is then written by the bucket protocol, lopd.cache.bucket_set).
     """
     from transformers import AutoModelForCausalLM
 
     from lopd.fingerprint import model_fingerprint
 
     teacher = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
-    path = root / "scores" / (name or f"s-{rollouts.id}")
-    header = {"id": path.name, "kind": "score_set",
+    path = location.join(location.as_location(root), "scores", name or f"s-{rollouts.id}")
+    header = {"id": location.basename(path), "kind": "score_set",
               "teacher": {"model": TEACHER, "fingerprint": model_fingerprint(TEACHER)},
               "tokenizer_fingerprint": rollouts.meta["tokenizer_fingerprint"],
               "rollout_set": {"id": rollouts.id, "content_digest": rollouts.meta["content_digest"],
                               "path": f"../../rollouts/{rollouts.id}"},
               "config": {"k": k, "logprob_dtype": "float32"}, "num_rows": len(rollouts)}
-    writer = ScoreSetWriter(path, header, rows_per_shard=16)
-    for plan in writer.plan(len(rollouts)):
+    writer = score_set_writer(path, header, rows_per_shard=16)
+    for plan in writer.pending(writer.plan(len(rollouts))):  # a rerun finishes what a killed run left
         parts = []
         for i in range(plan.start, plan.stop):
             prompt, response = rollouts.prompt_ids[i], rollouts.response_ids[i]

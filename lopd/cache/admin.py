@@ -15,14 +15,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lopd.cache.reader import ScoreCache
-from lopd.cache.score_set import MANIFEST, damaged_shards, scores_dir
+from lopd.cache.score_set import MANIFEST, damaged_shards, read_manifest, scores_dir
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
+from lopd.location import (
+    Location,
+    as_location,
+    glob,
+    is_bucket,
+    join,
+    parent,
+    remove,
+    resolve,
+)
 from lopd.rollout_set import RolloutSet, rollouts_dir
 from lopd.storage import find_artifact, read_json
 
 
-def usage(root: Path) -> dict[str, set[str]]:
+def usage(root: Location) -> dict[str, set[str]]:
     """Artifact id -> experiments that produced or consumed it (from the ledger)."""
     used: dict[str, set[str]] = {}
     for row in read_rows(root):
@@ -32,17 +42,17 @@ def usage(root: Path) -> dict[str, set[str]]:
     return used
 
 
-def entries(root: Path) -> list[dict[str, Any]]:
-    """One summary per score set under the root, newest first."""
+def entries(root: Location) -> list[dict[str, Any]]:
+    """One summary per score set under the root (a local directory or a bucket), newest first."""
     used = usage(root)
     out = []
-    for manifest_path in sorted(scores_dir(root).glob(f"*/{MANIFEST}")):
-        manifest = read_json(manifest_path)
+    for manifest_path in sorted(glob(scores_dir(root), f"*/{MANIFEST}")):
+        manifest = read_manifest(parent(manifest_path))
         shards = manifest["shards"].values()
         size = sum(s["bytes"] for s in shards)
         positions = sum(s["positions"] for s in shards)
         out.append({
-            "id": manifest["id"], "path": str(manifest_path.parent), "complete": manifest.get("complete", False),
+            "id": manifest["id"], "path": str(parent(manifest_path)), "complete": manifest.get("complete", False),
             "created": manifest.get("created"), "teacher": manifest["teacher"]["model"], "k": manifest["config"]["k"],
             "logprob_dtype": manifest["config"]["logprob_dtype"], "rollout_set": manifest["rollout_set"]["id"],
             "rows": manifest.get("num_rows"), "positions": positions, "bytes": size,
@@ -52,19 +62,19 @@ def entries(root: Path) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: -(e["created"] or 0))
 
 
-def find(root: Path, ref: str) -> Path:
+def find(root: Location, ref: str) -> Location:
     """A score set by path, full id, or unique id prefix."""
     return find_artifact(scores_dir(root), ref, MANIFEST, "score set")
 
 
-def verify(path: Path) -> list[str]:
+def verify(path: Location) -> list[str]:
     """Problems found (empty when the score set is intact): missing or corrupt shards, a changed rollout set."""
-    manifest = read_json(path / MANIFEST)
+    manifest = read_manifest(path)
     problems = []
     if not manifest.get("complete"):
         problems.append("incomplete: scoring was interrupted; rerun the same `lopd score`")
     problems += [f"shard {name}: {reason}" for name, reason in damaged_shards(path, manifest).items()]
-    rollout_path = (path / manifest["rollout_set"]["path"]).resolve()
+    rollout_path = resolve(join(path, manifest["rollout_set"]["path"]))
     try:
         rollouts = RolloutSet.open(rollout_path)
         if rollouts.meta.get("content_digest") != manifest["rollout_set"]["content_digest"]:
@@ -74,28 +84,31 @@ def verify(path: Path) -> list[str]:
     return problems
 
 
-def garbage(root: Path) -> list[Path]:
+def garbage(root: Location) -> list[Location]:
     """Score sets and rollout sets no experiment references (and that no kept score set needs)."""
     used = usage(root)
-    doomed = [Path(e["path"]) for e in entries(root) if not e["experiments"]]
-    kept_rollouts = {read_json(p / MANIFEST)["rollout_set"]["id"]
-                     for p in (Path(e["path"]) for e in entries(root)) if p not in doomed}
-    for meta in sorted(rollouts_dir(root).glob("*/meta.json")):
+    sets = entries(root)
+    doomed = [as_location(e["path"]) for e in sets if not e["experiments"]]
+    kept_rollouts = {e["rollout_set"] for e in sets if e["experiments"]}
+    for meta in sorted(glob(rollouts_dir(root), "*/meta.json")):
         rollout_id = read_json(meta)["id"]
         if rollout_id not in used and rollout_id not in kept_rollouts:
-            doomed.append(meta.parent)
+            doomed.append(parent(meta))
     return doomed
 
 
-def collect(root: Path, dry_run: bool) -> list[Path]:
+def collect(root: Location, dry_run: bool) -> list[Location]:
     doomed = garbage(root)
     if not dry_run:
         for path in doomed:
-            shutil.rmtree(path)
+            if is_bucket(path):
+                remove(path)
+            else:
+                shutil.rmtree(path)
     return doomed
 
 
-def export_parquet(path: Path, out: Path) -> Path:
+def export_parquet(path: Location, out: Path) -> Path:
     """One row per sequence with list columns, for use outside lopd (pandas, polars, DuckDB)."""
     cache = ScoreCache(path)
     columns: dict[str, list] = {name: [] for name in (

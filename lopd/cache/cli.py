@@ -7,11 +7,16 @@ from pathlib import Path
 
 import click
 
+from lopd import location
 from lopd.cache import admin
+from lopd.cache.score_set import read_manifest
 from lopd.errors import LopdError
-from lopd.storage import read_json, resolve_root
+from lopd.storage import resolve_root, root_location
 
 ROOT = click.option("--root", type=click.Path(file_okay=False), default=None, help="Storage root.")
+# The commands that read or remove whole score sets take a bucket root too (lopd.location); the others refuse one.
+BUCKET_ROOT = click.option("--root", default=None,
+                         help="Storage root: a directory or a bucket URL such as s3://bucket/prefix.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
@@ -39,11 +44,11 @@ def report_score(result) -> None:
 
 
 @cache.command("ls")
-@ROOT
+@BUCKET_ROOT
 @JSON
 def ls(root, as_json):
     """Score sets: size, bytes per position, teacher, k, and the experiments that used each."""
-    rows = admin.entries(resolve_root(root))
+    rows = admin.entries(root_location(root))
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -58,27 +63,27 @@ def ls(root, as_json):
 
 @cache.command()
 @click.argument("ref")
-@ROOT
+@BUCKET_ROOT
 def show(ref, root):
     """The manifest of one score set (id, id prefix or path)."""
-    click.echo(json.dumps(read_json(admin.find(resolve_root(root), ref) / "manifest.json"), indent=1))
+    click.echo(json.dumps(read_manifest(admin.find(root_location(root), ref)), indent=1))
 
 
 @cache.command()
 @click.argument("ref", required=False)
-@ROOT
+@BUCKET_ROOT
 @JSON
 def verify(ref, root, as_json):
     """Check every shard's checksum (one score set, or all); exit 1 when something is wrong."""
-    root = resolve_root(root)
-    paths = [admin.find(root, ref)] if ref else [Path(e["path"]) for e in admin.entries(root)]
-    report = {str(p.name): admin.verify(p) for p in paths}
+    root = root_location(root)
+    paths = [admin.find(root, ref)] if ref else [location.as_location(e["path"]) for e in admin.entries(root)]
+    report = {location.basename(p): admin.verify(p) for p in paths}
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
         for name, problems in report.items():
             click.echo(f"{name}: {'ok' if not problems else '; '.join(problems)}")
-        for path in (p for p in paths if report[p.name]):
+        for path in (p for p in paths if report[location.basename(p)]):
             click.echo(f"repair: lopd cache repair {path}", err=True)
     if any(report.values()):
         raise SystemExit(1)
@@ -102,11 +107,11 @@ def repair(ref, teacher, experiment, root):
 
 @cache.command()
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
-@ROOT
+@BUCKET_ROOT
 @JSON
 def gc(dry_run, root, as_json):
     """Remove score sets and rollout sets that no experiment in the ledger references."""
-    removed = admin.collect(resolve_root(root), dry_run)
+    removed = admin.collect(root_location(root), dry_run)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": [str(p) for p in removed]}, indent=1))
     else:
@@ -120,9 +125,9 @@ def gc(dry_run, root, as_json):
 @click.argument("ref")
 @click.option("--format", "fmt", type=click.Choice(["parquet"]), default="parquet", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
-@ROOT
+@BUCKET_ROOT
 def export(ref, fmt, out, root):
     """Export a score set joined with its rollouts as one Parquet table (one row per sequence)."""
     if Path(out).exists():
         raise LopdError(f"{out} already exists; choose another --out")
-    click.echo(admin.export_parquet(admin.find(resolve_root(root), ref), Path(out)))
+    click.echo(admin.export_parquet(admin.find(root_location(root), ref), Path(out)))

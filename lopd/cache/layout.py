@@ -23,12 +23,17 @@ arrays are stored as-is (`write_shard(..., encode=False)`, the layout of the fir
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BloscShuffle, TransposeCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import FsspecStore, MemoryStore
+
+from lopd.location import Location, files, is_bucket, read_bytes
 
 FORMAT_VERSION = 1
 CHUNK_POSITIONS = 1 << 16
@@ -193,13 +198,20 @@ def decode_arrays(stored: dict[str, np.ndarray], inplace: bool = False) -> dict[
 
 # ---- Zarr I/O ----------------------------------------------------------------------------------------------------
 
-def write_shard(path: Path, arrays: dict[str, np.ndarray], *, encode: bool = True, codec: Codec = DEFAULT_CODEC) -> None:
+def _group_store(path: Location, read_only: bool = True) -> str | FsspecStore:
+    """Where `zarr.open_group` finds a shard: the local directory, or zarr's fsspec store on a bucket prefix."""
+    if is_bucket(path):
+        return FsspecStore.from_url(path, read_only=read_only)
+    return str(path)
+
+
+def write_shard(path: Location, arrays: dict[str, np.ndarray], *, encode: bool = True, codec: Codec = DEFAULT_CODEC) -> None:
     stored = encode_arrays(arrays) if encode else dict(arrays)
     attributes = {"lopd_format_version": FORMAT_VERSION}
     if encode:
         attributes["lopd_encoded"] = {name: list(parts) for name, parts in ENCODED.items() if parts[0] in stored}
         attributes["lopd_dtypes"] = {name: str(data.dtype) for name, data in arrays.items()}
-    group = zarr.open_group(str(path), mode="w", attributes=attributes)
+    group = zarr.open_group(_group_store(path, read_only=False), mode="w", attributes=attributes)
     for name, data in stored.items():
         rows = data.shape[0]
         chunk = (min(CHUNK_POSITIONS, max(rows, 1)),) + data.shape[1:]
@@ -212,25 +224,49 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], *, encode: bool = Tru
         )[...] = data
 
 
-def read_stored(path: Path) -> dict[str, np.ndarray]:
-    """The arrays as stored (encoded), by name."""
-    group = zarr.open_group(str(path), mode="r")
+def _read_group(store: str | Store) -> dict[str, np.ndarray]:
+    group = zarr.open_group(store, mode="r")
     return {name: array[...] for name, array in group.arrays()}
 
 
-def read_shard(path: Path) -> dict[str, np.ndarray]:
+def read_stored(path: Location) -> dict[str, np.ndarray]:
+    """The arrays as stored (encoded), by name."""
+    return _read_group(_group_store(path))
+
+
+def read_shard(path: Location) -> dict[str, np.ndarray]:
     """The logical arrays (ARRAYS), whichever way the shard stores them."""
     return decode_arrays(read_stored(path), inplace=True)
 
 
-def shard_checksum(path: Path) -> str:
-    """sha256 over every file of the shard (relative path + bytes), in sorted order."""
+def read_shard_checked(path: Location, checksum: str | None) -> dict[str, np.ndarray] | None:
+    """`read_shard` after checking the shard's files against `checksum` (None: no check); None when they differ.
+
+    A bucket shard is fetched once, checksummed and decoded from memory, so its bytes cross the network once; a
+    local shard is checksummed, then read from disk again (the page cache holds it)."""
+    if not is_bucket(path):
+        return None if checksum is not None and shard_checksum(path) != checksum else read_shard(path)
+    fetched = {relative: read_bytes(file) for relative, file, _ in files(path)}
+    if checksum is not None and _digest(fetched.items()) != checksum:
+        return None
+    buffer = default_buffer_prototype().buffer
+    store = MemoryStore({key: buffer.from_bytes(data) for key, data in fetched.items()}, read_only=True)
+    return decode_arrays(_read_group(store), inplace=True)
+
+
+def _digest(named_bytes: Iterable[tuple[str, bytes]]) -> str:
     h = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(path)).encode())
-        h.update(file.read_bytes())
+    for relative, data in named_bytes:
+        h.update(relative.encode())
+        h.update(data)
     return h.hexdigest()
 
 
-def shard_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def shard_checksum(path: Location) -> str:
+    """sha256 over every file of the shard (relative path + bytes), in sorted order; the same digest whether the
+    shard lies in a local directory or under a bucket prefix. Files are read one at a time."""
+    return _digest((relative, read_bytes(file)) for relative, file, _ in files(path))
+
+
+def shard_bytes(path: Location) -> int:
+    return sum(size for _, _, size in files(path))

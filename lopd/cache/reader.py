@@ -1,19 +1,19 @@
 """Reading a score set: `open_cache(path)[i]` joins teacher signals with the rollout row they score."""
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lopd.cache.layout import FORMAT_VERSION, read_shard, shard_checksum
-from lopd.cache.score_set import MANIFEST
+from lopd.cache.layout import FORMAT_VERSION, read_shard_checked
+from lopd.cache.score_set import MANIFEST, read_manifest, shard_location
 from lopd.errors import LopdError
+from lopd.location import as_location, is_dir, is_file, join, resolve
 from lopd.rollout_set import RolloutSet
-from lopd.storage import read_json
 
 
 @dataclass
@@ -51,12 +51,13 @@ class ScoreCache:
     `max_decoded_shards` shards at a time (lopd.train.sampling), so each shard is decoded once per epoch.
     """
 
-    def __init__(self, path: str | Path, verify: bool = True, max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS):
-        self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
+    def __init__(self, path: str | os.PathLike, verify: bool = True,
+                 max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS):
+        self.path = as_location(path)  # a local directory, or a bucket URL (lopd.location)
+        manifest_path = join(self.path, MANIFEST)
+        if not is_file(manifest_path):
             raise LopdError(f"{self.path} holds no score set (no {MANIFEST}); create one with `lopd score`")
-        self.manifest: dict[str, Any] = read_json(manifest_path)
+        self.manifest: dict[str, Any] = read_manifest(self.path)
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise LopdError(f"score set {self.path} has format version {version}; this lopd reads version {FORMAT_VERSION}")
@@ -79,7 +80,7 @@ class ScoreCache:
 
     @cached_property
     def rollouts(self) -> RolloutSet:
-        return RolloutSet.open((self.path / self.manifest["rollout_set"]["path"]).resolve())
+        return RolloutSet.open(resolve(join(self.path, self.manifest["rollout_set"]["path"])))
 
     def __len__(self) -> int:
         return int(self.manifest["num_rows"])
@@ -98,17 +99,16 @@ class ScoreCache:
             self._shards.move_to_end(name)
         else:
             entry = self.manifest["shards"].get(name)
-            shard_dir = self.path / "shards" / name
-            if entry is None or not shard_dir.is_dir():
+            if entry is None or not is_dir(shard_dir := shard_location(self.path, name, entry)):
                 raise LopdError(f"score set {self.id}: shard {name} is missing; {REPAIR_HINT.format(id=self.id)}")
-            if self.verify and shard_checksum(shard_dir) != entry["checksum"]:
-                raise LopdError(f"score set {self.id}: shard {name} is corrupt (checksum mismatch); "
-                                f"{REPAIR_HINT.format(id=self.id)}")
             try:
-                arrays = read_shard(shard_dir)
+                arrays = read_shard_checked(shard_dir, entry["checksum"] if self.verify else None)
             except Exception as exc:  # zarr/codec errors on damaged bytes
                 raise LopdError(f"score set {self.id}: shard {name} cannot be read ({exc}); "
                                 f"{REPAIR_HINT.format(id=self.id)}") from None
+            if arrays is None:
+                raise LopdError(f"score set {self.id}: shard {name} is corrupt (checksum mismatch); "
+                                f"{REPAIR_HINT.format(id=self.id)}")
             self.decodes += 1
             self._shards[name] = arrays
             while len(self._shards) > self.max_decoded_shards:
@@ -136,6 +136,6 @@ class ScoreCache:
         )
 
 
-def open_cache(path: str | Path, verify: bool = True,
+def open_cache(path: str | os.PathLike, verify: bool = True,
                max_decoded_shards: int = DEFAULT_MAX_DECODED_SHARDS) -> ScoreCache:
     return ScoreCache(path, verify=verify, max_decoded_shards=max_decoded_shards)

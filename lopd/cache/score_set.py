@@ -7,6 +7,9 @@ Protocol (see docs/cache-format.md):
 3. It writes the shard under `.staging/`, checksums it, renames it into `shards/`, then records it in the
    manifest under `locks/manifest.lock`. A shard directory missing from the manifest is a crash leftover
    and is rewritten. Killing a writer at any point loses at most the shards it had not committed.
+
+This is the protocol of a local (or network-mounted) directory. Under a bucket prefix, where neither flock nor
+rename exists, lopd.cache.bucket_set commits by create-if-absent PUTs instead; the readers here handle both.
 """
 from __future__ import annotations
 
@@ -25,26 +28,60 @@ import numpy as np
 from lopd.cache.layout import FORMAT_VERSION, shard_bytes, shard_checksum, write_shard
 from lopd.errors import LopdError
 from lopd.faults import crash_point
+from lopd.location import Location, basename, glob, is_bucket, is_dir, join
 from lopd.storage import read_json, write_json_atomic
 
 MANIFEST = "manifest.json"
+COMMITS = "commits"  # a bucket writer's shard commit records, `commits/<shard>.json` (lopd.cache.bucket_set)
 
 
-def damaged_shards(path: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """Committed shards of the set at `path` whose directory is gone or whose bytes no longer match their
-    checksum, with the reason; what `lopd cache verify` reports and a rerun of `lopd score` rescores."""
+def read_manifest(path: Location) -> dict[str, Any]:
+    """The manifest of the score set at `path`. On a bucket, shards committed since the manifest was last written
+    (each by a create-if-absent commit record, lopd.cache.bucket_set) are folded into its shard table."""
+    manifest = read_json(join(path, MANIFEST))
+    if is_bucket(path):
+        for record in glob(join(path, COMMITS), "*.json"):
+            shard = basename(record).removesuffix(".json")
+            if shard not in manifest["shards"]:
+                manifest["shards"][shard] = read_json(record)
+    return manifest
+
+
+def damaged_shards(path: Location, manifest: dict[str, Any]) -> dict[str, str]:
+    """Committed shards of the set at `path` (local or in a bucket) whose directory is gone or whose bytes no longer
+    match their checksum, with the reason; what `lopd cache verify` reports and a rerun of `lopd score` rescores."""
     damaged = {}
-    for name, entry in sorted(manifest["shards"].items()):
-        shard_dir = Path(path) / "shards" / name
-        if not shard_dir.is_dir():
-            damaged[name] = "missing"
+    for shard, entry in sorted(manifest["shards"].items()):
+        shard_dir = shard_location(path, shard, entry)
+        if not is_dir(shard_dir):
+            damaged[shard] = "missing"
         elif shard_checksum(shard_dir) != entry["checksum"]:
-            damaged[name] = "checksum mismatch (truncated or modified)"
+            damaged[shard] = "checksum mismatch (truncated or modified)"
     return damaged
 
 
-def scores_dir(root: Path) -> Path:
-    return root / "scores"
+def scores_dir(root: Location) -> Location:
+    return join(root, "scores")
+
+
+def shard_location(path: Location, shard: str, entry: dict[str, Any] | None = None) -> Location:
+    """Where shard `shard` of the score set at `path` lies: `shards/<shard>`, or for a shard a bucket writer
+    committed, `shards/<shard>-<attempt>` with the attempt its manifest entry names (lopd.cache.bucket_set)."""
+    attempt = (entry or {}).get("attempt")
+    return join(path, "shards", f"{shard}-{attempt}" if attempt else shard)
+
+
+def initial_manifest(header: dict[str, Any], rows_per_shard: int) -> dict[str, Any]:
+    """What the first writer of a score set records: its identity and an empty shard table."""
+    return dict(header, format_version=FORMAT_VERSION, rows_per_shard=rows_per_shard, shards={}, complete=False,
+                created=time.time())
+
+
+def check_same_set(path: Location, existing: dict[str, Any], header: dict[str, Any]) -> None:
+    """A writer resuming the set at `path` must be making the same set (same id)."""
+    if existing.get("id") != header["id"]:
+        raise LopdError(f"{path} already holds a different score set ({existing.get('id')}); "
+                        f"choose another --out or remove it")
 
 
 def shard_name(index: int) -> str:
@@ -77,6 +114,14 @@ def refuse_foreign(path: Path) -> None:
         raise LopdError(f"{path} is not empty and holds no score set; choose another --out")
 
 
+def write_entry(where: Location, plan: ShardPlan, arrays: dict[str, np.ndarray],
+                stats: dict[str, Any] | None) -> dict[str, Any]:
+    """Write the shard's arrays at `where` and return its manifest entry (rows, positions, checksum, bytes)."""
+    write_shard(where, arrays)
+    return {"rows": [plan.start, plan.stop], "positions": int(arrays["sampled_logprob"].shape[0]),
+            "checksum": shard_checksum(where), "bytes": shard_bytes(where), **(stats or {})}
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     index: int
@@ -100,18 +145,10 @@ class ScoreSetWriter:
             manifest_path = self.path / MANIFEST
             if manifest_path.is_file():
                 existing = read_json(manifest_path)
-                if existing.get("id") != header["id"]:
-                    raise LopdError(
-                        f"{self.path} already holds a different score set ({existing.get('id')}); "
-                        f"choose another --out or remove it"
-                    )
+                check_same_set(self.path, existing, header)
                 self.rows_per_shard = existing["rows_per_shard"]
             else:
-                write_json_atomic(
-                    manifest_path,
-                    dict(header, format_version=FORMAT_VERSION, rows_per_shard=rows_per_shard, shards={},
-                         complete=False, created=time.time()),
-                )
+                write_json_atomic(manifest_path, initial_manifest(header, rows_per_shard))
 
     def manifest(self) -> dict[str, Any]:
         return read_json(self.path / MANIFEST)
@@ -145,14 +182,7 @@ class ScoreSetWriter:
         """Stage, checksum, rename, record. Call only inside `claim(plan)` that yielded True."""
         staging = self.path / ".staging" / f"{plan.name}-{uuid.uuid4().hex[:8]}"
         try:
-            write_shard(staging, arrays)
-            entry = {
-                "rows": [plan.start, plan.stop],
-                "positions": int(arrays["sampled_logprob"].shape[0]),
-                "checksum": shard_checksum(staging),
-                "bytes": shard_bytes(staging),
-                **(stats or {}),
-            }
+            entry = write_entry(staging, plan, arrays, stats)
             crash_point("shard_staged")
             final = self.path / "shards" / plan.name
             final.parent.mkdir(exist_ok=True)
