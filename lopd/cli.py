@@ -31,8 +31,8 @@ ENGINE_ARG_OPTION = click.option(
 RAY_OPTIONS = [
     click.option("--ray", "use_ray", is_flag=True,
                  help="Run the engines as Ray actors (lopd.replicas): on the cluster at --ray-address, else "
-                      "$RAY_ADDRESS, else a local one; the result is what one engine makes. Needs `pip install "
-                      "'lopd[ray]'`."),
+                      "$RAY_ADDRESS, else a local one; seeds and score sets are those of one engine (docs/cluster.md). "
+                      "Needs `pip install 'lopd[ray]'`."),
     click.option("--ray-address", default=None, help="Ray cluster to join (with --ray), e.g. ray://head:10001 or auto."),
     click.option("--replicas", default=None, type=click.IntRange(min=1),
                  help="Engine replicas with --ray (default 1); each reserves its engine's GPUs "

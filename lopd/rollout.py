@@ -101,7 +101,8 @@ def rollout(
     Prompts are checked against the engine's context before it starts: an empty or over-long prompt is an
     error naming it, or, with `skip_invalid`, left out and counted in the set's metadata. `placement` samples on
     Ray replicas (lopd.replicas) instead of one engine in this process; seeds follow the prompt's position, so the
-    replicas draw what one engine would.
+    replicas draw the random numbers one engine would (the samples match where vLLM's arithmetic does not depend on
+    batch composition, which it does not guarantee).
     """
     prompt_format.validate()
     model = resolve_model(model)
@@ -237,8 +238,8 @@ def sample(engine, rows, prompt_ids, tokenizer, sampling: SamplingConfig, *, env
            logprobs: bool = True, quiet: bool = True, first_prompt: int = 0) -> list[Trajectory]:
     """One Trajectory per request, request g*n+s = sample s of prompt g, none longer than the context allows; with
     `env`, multi-turn with the tool (generate_with_tool). The prompts are those at `first_prompt` onwards of the
-    whole set: seeds follow that position, so a slice sampled on a Ray replica draws what one engine sampling
-    the whole set would. Used by `lopd rollout` and `lopd eval`."""
+    whole set: seeds follow that position, so a slice sampled on a Ray replica draws the random numbers one engine
+    sampling the whole set would. Used by `lopd rollout` and `lopd eval`."""
     if env is not None:
         return generate_with_tool(engine, rows, prompt_ids, tokenizer, env, sampling, logprobs=logprobs, quiet=quiet,
                                   first_prompt=first_prompt)

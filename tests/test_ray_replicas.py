@@ -2,7 +2,8 @@
 
 `lopd score`: one replica's actor is killed mid-run; Ray restarts it and retries its shard, and the score set is
 the one a one-process run makes: the same id and the same bytes in every shard (their checksums). `lopd rollout`
-and `lopd eval`: the replicas sample what one engine samples (seeds follow each prompt's position)."""
+and `lopd eval`: the replicas sample what one engine samples on the toy models (seeds follow each prompt's
+position; vLLM does not promise batch-invariant arithmetic, so at larger scale long samples may differ: docs/cluster.md)."""
 from __future__ import annotations
 
 import threading
