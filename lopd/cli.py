@@ -8,9 +8,11 @@ from pathlib import Path
 
 import click
 
+from lopd import location
 from lopd.errors import LopdError
 from lopd.limits import option_type
-from lopd.storage import resolve_root
+from lopd.location import Location
+from lopd.storage import resolve_root, writable_root
 
 
 def experiment_option(default: str | None = "default", shown: str | bool = True, note: str = ""):
@@ -20,9 +22,12 @@ def experiment_option(default: str | None = "default", shown: str | bool = True,
 
 
 EXPERIMENT_OPTION = experiment_option()
+ROOT_DEFAULT = "(default: $LOPD_ROOT, else storage/ of a source checkout, else $XDG_CACHE_HOME/lopd, i.e. ~/.cache/lopd)"
 ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False), default=None,
-                           help="Storage root (default: $LOPD_ROOT, else storage/ of a source checkout, else "
-                                "$XDG_CACHE_HOME/lopd, i.e. ~/.cache/lopd).")
+                           help=f"Storage root {ROOT_DEFAULT}.")
+# `lopd score` writes through lopd.location, so its root may be a bucket; the other commands here refuse one.
+BUCKET_ROOT_OPTION = click.option("--root", default=None,
+                                  help=f"Storage root: a directory or a bucket URL such as s3://bucket/prefix {ROOT_DEFAULT}.")
 ENGINE_ARG_OPTION = click.option(
     "--engine-arg", "engine_arg_items", multiple=True, metavar="KEY=VALUE",
     help="vLLM engine option (repeatable), typed by vLLM's EngineArgs: tensor_parallel_size=4, max_model_len=32768, "
@@ -171,15 +176,15 @@ def prompt_options(command):
     return command
 
 
-def find_artifact(ref: str, root: Path, kind: str) -> Path:
-    """A score set (`kind` "scores") or rollout set ("rollouts") by path, id or unique id prefix: the resolver
-    `lopd cache show` uses (lopd.storage.find_artifact)."""
+def find_artifact(ref: str, root: Location, kind: str) -> Location:
+    """A score set (`kind` "scores") or rollout set ("rollouts") by path, id or unique id prefix under a local or
+    bucket root: the resolver `lopd cache show` uses (lopd.storage.find_artifact)."""
     from lopd.cache.score_set import MANIFEST
     from lopd.rollout_set import META
     from lopd.storage import find_artifact as find
 
     marker, noun = {"scores": (MANIFEST, "score set"), "rollouts": (META, "rollout set")}[kind]
-    return find(root / kind, ref, marker, noun)
+    return find(location.join(root, kind), ref, marker, noun)
 
 
 class Lopd(click.Group):
@@ -292,7 +297,7 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
 @ENGINE_ARG_OPTION
 @ray_options
 @EXPERIMENT_OPTION
-@ROOT_OPTION
+@BUCKET_ROOT_OPTION
 def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_shard, context, context_slice, shard_spec,
           out, engine_arg_items, use_ray, ray_address, replicas, experiment, root):
     """Score every rollout token once with the teacher (vLLM) into a Zarr v3 score set.
@@ -306,7 +311,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
 
     engine_args = parse_engine_args(engine_arg_items)
     placement = ray_placement(use_ray, ray_address, replicas, shard_spec)
-    root = resolve_root(root)
+    root = writable_root(root)
     rollouts = RolloutSet.open(find_artifact(rollouts_ref, root, "rollouts"))
     config = ScoreConfig(k=k, logprob_dtype=logprob_dtype, max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
                          context=context, context_slice=context_slice)

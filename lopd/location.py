@@ -54,6 +54,21 @@ def resolve(where: Location) -> Location:
     return where.resolve() if isinstance(where, Path) else where
 
 
+def relative(target: Location, start: Location) -> str | None:
+    """`target` as a path relative to `start`, as score set manifests record their rollout set (so a root moved or
+    synced elsewhere, `aws s3 sync` included, keeps its sets readable): both on this machine, or both in one
+    bucket. None when no relative path leads from one to the other (a local rollout set, a bucket score set)."""
+    target, start = resolve(target), resolve(start)
+    if isinstance(target, Path) and isinstance(start, Path):
+        return os.path.relpath(target, start)
+    if isinstance(target, Path) or isinstance(start, Path):
+        return None
+    (target_protocol, target_path), (start_protocol, start_path) = split_protocol(target), split_protocol(start)
+    if target_protocol != start_protocol or target_path.split("/")[0] != start_path.split("/")[0]:
+        return None
+    return posixpath.relpath(target_path, start_path)
+
+
 def basename(where: Location) -> str:
     where = as_location(where)
     return where.name if isinstance(where, Path) else posixpath.basename(where)

@@ -16,14 +16,17 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from tqdm import tqdm
 
+from lopd import location
+from lopd.cache.bucket_set import score_set_writer
 from lopd.cache.layout import LOGPROB_DTYPES, id_dtype
-from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, damaged_shards, scores_dir
+from lopd.cache.score_set import MANIFEST, ScoreSetWriter, ShardPlan, damaged_shards, read_manifest, scores_dir
 from lopd.contexts import expand_context, teacher_prompts
 from lopd.cost.ledger import record_stage
 from lopd.engine import (SCORING_BATCHED_TOKENS, build_llm, check_k, engine_context, numeric_engine_args,
                          running_context, running_engine, shutdown_llm)
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
+from lopd.location import Location
 from lopd.models.guards import rollout_vocabulary
 from lopd.models.loading import load_tokenizer, model_config, resolve_model, vocab_size
 from lopd.replicas import RayPlacement, replica_bundle, replica_devices, run_on_replicas
@@ -64,7 +67,7 @@ class ScoreConfig:
 
 @dataclass
 class ScoreResult:
-    path: Path
+    path: Location
     id: str
     reused: bool
     teacher_seconds: float
@@ -123,8 +126,8 @@ def score(
     rollouts: RolloutSet,
     config: ScoreConfig,
     *,
-    root: Path,
-    out: Path | None = None,
+    root: Location,
+    out: str | Path | None = None,
     shard_of: tuple[int, int] = (0, 1),
     llm=None,
     quiet: bool = False,
@@ -140,6 +143,8 @@ def score(
     refuses to proceed when today's teacher, tokenizer or engine would make a different set. `engine_args` are
     vLLM engine options (checked by `lopd.engine.check_engine_args`; with `llm`, the ones it was built with).
     `placement` scores on Ray replicas instead of one engine in this process (lopd.replicas); the set is the same.
+    `root` (and `out`) may be a bucket URL: the set is then written by create-if-absent commits
+    (lopd.cache.bucket_set) instead of flock, and the rollout set must lie in the same bucket.
 
     The engine's context is sized from the longest stored row (prompt + response + the one output token vLLM
     requires), unless `max_model_len` is given; a row that cannot fit is an error before anything is written.
@@ -161,11 +166,10 @@ def score(
         raise LopdError(f"score set {expect_id} cannot be repaired here: this teacher, tokenizer and engine version "
                         f"would make score set {set_id} (the vLLM version or the teacher's files changed); "
                         "rescore with `lopd score` into a new set")
-    path = Path(out) if out else scores_dir(root) / set_id
-    manifest_path = path / MANIFEST
+    path = location.as_location(out) if out else location.join(scores_dir(root), set_id)
     damaged: dict[str, str] = {}
-    if manifest_path.is_file():
-        existing = read_json(manifest_path)
+    if location.is_file(location.join(path, MANIFEST)):
+        existing = read_manifest(path)
         if existing.get("id") == set_id:
             damaged = damaged_shards(path, existing)
             if existing.get("complete") and not damaged:
@@ -179,11 +183,15 @@ def score(
         rows = rollouts.table.select(["prompt_id", "prompt", "answer"]).to_pylist()
         prompts = teacher_prompts(tokenizer, rows, prompts, config.context, config.context_slice)
     needed = check_rows_fit(teacher, teacher_config, rollouts, prompts, engine_args, llm)
-    rollout_path = Path(rollouts.path).resolve()
+    rollout_path = location.relative(rollouts.path, path)
+    if rollout_path is None:
+        raise LopdError(f"the rollout set {rollouts.path} and the score set {path} must both be local or both in one "
+                        "bucket (the score set records where its rollouts are relative to itself); copy the rollout "
+                        "set beside the score set's root")
     header = dict(header, id=set_id, vocab_size=vocab, id_dtype=str(id_dtype(vocab)), num_rows=len(rollouts))
     header["teacher"]["model"] = teacher  # where it was loaded from: informative, not part of the id
-    header["rollout_set"]["path"] = _relative(rollout_path, path.resolve())
-    writer = ScoreSetWriter(path, header, rows_per_shard=config.rows_per_shard)
+    header["rollout_set"]["path"] = rollout_path
+    writer = score_set_writer(path, header, rows_per_shard=config.rows_per_shard)
     writer.discard(list(damaged))
     plans = writer.plan(len(rollouts), shard_of)
 
@@ -281,8 +289,8 @@ class ShardScorer:
 
     def __init__(self, teacher: str, build_args: dict[str, Any], writer_path: str, shards: ShardScoring):
         self.engine = build_llm(teacher, **build_args)
-        self.writer = ScoreSetWriter(Path(writer_path), read_json(Path(writer_path) / MANIFEST),
-                                     shards.config.rows_per_shard)
+        self.writer = score_set_writer(writer_path, read_manifest(location.as_location(writer_path)),
+                                       shards.config.rows_per_shard)
         self.rollouts = RolloutSet.open(shards.rollouts_path)
         self.shards = shards
 
@@ -302,7 +310,8 @@ class ShardScorer:
 def _score_on_replicas(placement: RayPlacement, teacher: str, build_args: dict[str, Any], writer: ScoreSetWriter,
                        plans: list[ShardPlan], shards: ShardScoring, set_id: str, quiet: bool) -> ScoreResult:
     """The pending shards scored by `placement.replicas` Ray replicas, each committing its own shards into the set
-    (on the shared storage root) through the same claim-and-commit protocol as `--shard i/N` writers."""
+    (on the shared storage root, a bucket included) through the same claim-and-commit protocol as `--shard i/N`
+    writers."""
     rollouts = RolloutSet.open(shards.rollouts_path)
     todo = writer.pending(plans)
     totals = [0.0, 0]
@@ -316,12 +325,6 @@ def _score_on_replicas(placement: RayPlacement, teacher: str, build_args: dict[s
         run_on_replicas(placement, ShardScorer, (teacher, build_args, str(writer.path), shards),
                         replica_bundle(build_args["engine_args"]), todo, done, name=f"lopd-score-{set_id}")
     return ScoreResult(writer.path, set_id, False, totals[0], totals[1])
-
-
-def _relative(target: Path, start: Path) -> str:
-    import os
-
-    return os.path.relpath(target, start)
 
 
 def token_budget_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:

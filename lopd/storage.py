@@ -66,9 +66,16 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
         context = click.get_current_context(silent=True)
         who = context.command_path if context else "this lopd command"
         raise LopdError(f"{who} does not yet accept a bucket root ({root_url(root)}); use a local path "
-                        "(only `lopd cost`, `lopd report --out FILE` and `lopd cache ls/show/verify/gc/export` read a bucket root so far)")
+                        "(`lopd score` writes to a bucket root; `lopd cost`, `lopd report --out FILE` and "
+                        "`lopd cache ls/show/verify/gc/export` read one)")
     local.mkdir(parents=True, exist_ok=True)
     return local
+
+
+def writable_root(root: str | os.PathLike | None) -> Location:
+    """The storage root for code that writes through lopd.location (`lopd score`): a local directory (created, as
+    `resolve_root` makes it) or the bucket URL, where nothing needs creating before the first object."""
+    return resolve_root(root) if local_root(root) is not None else root_location(root)
 
 
 def find_artifact(directory: Location, ref: str, marker: str, noun: str) -> Location:

@@ -56,10 +56,11 @@ class BucketScoreSetWriter(ScoreSetWriter):
         self.path = path
         self.rows_per_shard = rows_per_shard
         manifest = location.join(path, MANIFEST)
-        if location.is_file(manifest):
-            created = False
-        else:
-            if location.glob(path, "*"):
+        created = False
+        if not location.is_file(manifest):
+            # Writers create the manifest before anything else, so objects listed before the manifest exists are
+            # foreign; the second look keeps a writer that started just after another from refusing its objects.
+            if location.glob(path, "*") and not location.is_file(manifest):
                 raise LopdError(f"{path} is not empty and holds no score set; choose another --out")
             created = location.create(manifest, _json_bytes(initial_manifest(header, rows_per_shard)))
         if not created:  # another writer made it first, now or earlier
