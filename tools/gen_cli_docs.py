@@ -34,7 +34,7 @@ WHEN = {
                  "the teacher spreads its mass over many valid tokens (words 87.9, below SFT); good on the calc "
                  "world (94.8).",
     "rkl_topk": "The recommended default: at or within noise of the best in every study here (words 95.4, demo "
-                "95.8, calc 96.2).",
+                "95.9, calc 96.2).",
     "opd_is": "Reference only: the cached behaviour log-prob does not move with the student, so its advantage keeps "
               "pushing sampled tokens down (84.2).",
     "gkd": "A top-k divergence alternative to `rkl_topk` (94.7).",
