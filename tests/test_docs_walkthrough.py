@@ -7,12 +7,12 @@ pages that use its sets (alignment, cost, engine) find them."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from child_env import subprocess_env
 from documented import ROOT, DocumentedCommand, documented_commands
 
 from lopd.toy import TEACHER_B_DIR, TEACHER_DIR
@@ -49,7 +49,7 @@ def run_page(page: str, workdir: Path, ids: dict[str, str]) -> list[dict]:
         words = [placeholders(ids).get(word, word) for word in command.argv]
         words = [str(ROOT / word) if word.startswith("lopd/toy/assets/") else word for word in words]
         assert not any("..." in word for word in words), f"{page}: no set yet for `lopd {' '.join(command.argv)}`"
-        env = {**os.environ, "LOPD_ROOT": str(workdir / "storage"), **command.env}
+        env = {**subprocess_env(), "LOPD_ROOT": str(workdir / "storage"), **command.env}
         result = subprocess.run([sys.executable, "-m", "lopd.cli", *words], check=False, cwd=workdir, env=env, capture_output=True,
                                 text=True, timeout=900)
         assert result.returncode == 0, f"{page}: `lopd {' '.join(words)}` failed:\n{result.stderr[-3000:]}"
