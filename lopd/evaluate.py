@@ -64,7 +64,7 @@ def evaluate(
     check_prompts(rows, prompt_ids, context, skip_invalid=False)
     with record_stage(root, experiment=experiment, stage="eval", artifact=model) as rec:
         trajectories, _ = sample_anywhere(placement, llm, model, engine_args or {}, rows, prompt_ids, sampling, tool,
-                                          logprobs=False)
+                                          context, logprobs=False)
         if placement is not None:
             rec.device_kind, rec.device_count = replica_devices(engine_args or {}, placement.replicas)
         result = _score([(rows[i // sampling.n], t.text) for i, t in enumerate(trajectories)], verify)

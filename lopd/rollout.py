@@ -130,7 +130,7 @@ def rollout(
     rubric = load_judge(judge)
     with record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec:
         trajectories, context = sample_anywhere(placement, llm, model, engine_args, rows, prompt_ids, sampling,
-                                                tool, quiet=quiet)
+                                                tool, context, quiet=quiet)
         if placement is not None:
             rec.device_kind, rec.device_count = replica_devices(engine_args, placement.replicas)
         rollouts = rollout_records(rows, prompt_ids, trajectories, sampling.n, verify)
@@ -281,11 +281,11 @@ def checked_engine_context(engine, rows, prompt_ids, sampling: SamplingConfig, m
 
 
 def sample_anywhere(placement: RayPlacement | None, llm, model: str, engine_args: Mapping[str, Any], rows, prompt_ids,
-                    sampling: SamplingConfig, tool: str | None, *, logprobs: bool = True,
+                    sampling: SamplingConfig, tool: str | None, expected: int | None, *, logprobs: bool = True,
                     quiet: bool = True) -> tuple[list[Trajectory], int]:
     """Every prompt's trajectories and the engine context they were sampled under: on `llm` or a new engine in
-    this process, or on Ray replicas when `placement` is given."""
-    expected = running_context(llm) if llm is not None else engine_context(model, model_config(model), engine_args)
+    this process, or on Ray replicas when `placement` is given. `expected` is the context the caller checked the
+    prompts against; an engine that runs with another has them checked again."""
     if placement is None:
         with running_engine(llm, model, seed=sampling.seed, engine_args=engine_args) as engine:
             context = checked_engine_context(engine, rows, prompt_ids, sampling, model, expected)

@@ -201,9 +201,9 @@ def score(
     with record_stage(root, experiment=experiment, stage="score", artifact=set_id, inputs=[rollouts.id]) as rec:
         if placement is None:
             with running_engine(llm, teacher, **build_args) as engine:
-                result = _score_shards(writer, plans, shards, set_id, engine, quiet)
+                result = _score_shards(writer, plans, rollouts, shards, set_id, engine, quiet)
         else:
-            result = _score_on_replicas(placement, teacher, build_args, writer, plans, shards, set_id, quiet)
+            result = _score_on_replicas(placement, teacher, build_args, writer, plans, rollouts, shards, set_id, quiet)
             rec.device_kind, rec.device_count = replica_devices(engine_args, placement.replicas)
         rec.tokens = result.positions
     manifest = writer.finish(len(rollouts))
@@ -263,10 +263,9 @@ class ShardScoring:
         return sum(len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i]) for i in range(plan.start, plan.stop))
 
 
-def _score_shards(writer, plans, shards: ShardScoring, set_id, engine, quiet) -> ScoreResult:
+def _score_shards(writer, plans, rollouts: RolloutSet, shards: ShardScoring, set_id, engine, quiet) -> ScoreResult:
     check_k(shards.config.k, shards.vocab - shards.padded, max_logprobs=engine.llm_engine.model_config.max_logprobs,
             padded=min(shards.padded, PADDED_MARGIN))
-    rollouts = RolloutSet.open(shards.rollouts_path)
     todo = writer.pending(plans)
     teacher_seconds = 0.0
     positions = 0
@@ -308,11 +307,11 @@ class ShardScorer:
 
 
 def _score_on_replicas(placement: RayPlacement, teacher: str, build_args: dict[str, Any], writer: ScoreSetWriter,
-                       plans: list[ShardPlan], shards: ShardScoring, set_id: str, quiet: bool) -> ScoreResult:
+                       plans: list[ShardPlan], rollouts: RolloutSet, shards: ShardScoring, set_id: str,
+                       quiet: bool) -> ScoreResult:
     """The pending shards scored by `placement.replicas` Ray replicas, each committing its own shards into the set
     (on the shared storage root, a bucket included) through the same claim-and-commit protocol as `--shard i/N`
     writers."""
-    rollouts = RolloutSet.open(shards.rollouts_path)
     todo = writer.pending(plans)
     totals = [0.0, 0]
     with tqdm(total=sum(shards.tokens(rollouts, p) for p in todo), unit="tok", desc=f"score {set_id} on "

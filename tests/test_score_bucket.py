@@ -6,14 +6,12 @@ no visible partial shard and exactly their two ledger rows.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from child_env import subprocess_env
+from child_env import finish, subprocess_env
 from click.testing import CliRunner
 from toy_sets import TEACHER, make_rollout_set, rollout_records
 
@@ -97,23 +95,13 @@ def _lopd_score(bucket_root: str, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_two_concurrent_scorers_leave_one_complete_set_and_two_ledger_rows(reference, bucket_root: str,
                                                                           tmp_path: Path):
     local, expected = reference
     _with_rollouts(local, bucket_root)
     logs = [tmp_path / f"score{i}.log" for i in range(2)]
     procs = [_lopd_score(bucket_root, log) for log in logs]  # started together: both race for every shard
-    codes = [_finish(proc) for proc in procs]
+    codes = [finish(proc, timeout=600) for proc in procs]
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
 
     set_id = expected["id"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+from child_env import finish
 
 from lopd.cache import open_cache
 from lopd.cache.admin import verify
@@ -44,17 +44,6 @@ def lopd_score(rollouts, out, log, crash_at: str | None = None) -> subprocess.Po
     return subprocess.Popen([sys.executable, "-m", "lopd.cli", "score", "--teacher", TEACHER, "--rollouts",
                              str(rollouts.path), "--out", str(out), *ARGS], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
-    """Wait for the process, then kill whatever it left in its session (orphaned engine processes)."""
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def assert_same_cache(path, reference) -> None:
