@@ -25,7 +25,7 @@ EXPERIMENT_OPTION = experiment_option()
 ROOT_DEFAULT = "(default: $LOPD_ROOT, else storage/ of a source checkout, else $XDG_CACHE_HOME/lopd, i.e. ~/.cache/lopd)"
 ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False), default=None,
                            help=f"Storage root {ROOT_DEFAULT}.")
-# `lopd score` writes through lopd.location, so its root may be a bucket; the other commands here refuse one.
+# Commands that write through lopd.location take a bucket root; the others (demo, diagnose) refuse one.
 BUCKET_ROOT_OPTION = click.option("--root", default=None,
                                   help=f"Storage root: a directory or a bucket URL such as s3://bucket/prefix {ROOT_DEFAULT}.")
 ENGINE_ARG_OPTION = click.option(
@@ -251,11 +251,11 @@ def main() -> None:
 @click.option("--skip-invalid", is_flag=True,
               help="Leave out empty prompts and prompts too long for the engine's context (counted in the set's "
                    "metadata) instead of stopping at the first.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory (default: content-addressed under the root).")
+@click.option("--out", default=None, help="Output directory or bucket URL (default: content-addressed under the root).")
 @ENGINE_ARG_OPTION
 @ray_options
 @EXPERIMENT_OPTION
-@ROOT_OPTION
+@BUCKET_ROOT_OPTION
 def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, top_p, max_tokens, seed,
             verifier, tool, judge, skip_invalid, out, engine_arg_items, use_ray, ray_address, replicas, experiment, root):
     """Generate rollouts with vLLM into a Parquet rollout set."""
@@ -269,7 +269,7 @@ def rollout(model, prompts, prompt_field, answer_field, chat, system_prompt, n, 
     prompt_format.validate()
     rows = load_prompts(prompts, prompt_field, answer_field)
     sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    rollouts, reused = run(model, rows, sampling, root=resolve_root(root), verifier=verifier, out=out,
+    rollouts, reused = run(model, rows, sampling, root=writable_root(root), verifier=verifier, out=out,
                           experiment=experiment, prompt_format=prompt_format, tool=tool, judge=judge,
                           engine_args=engine_args, skip_invalid=skip_invalid, placement=placement)
     emit({"rollout_set": rollouts.id, "path": rollouts.path, "rows": len(rollouts), "reused": reused,
@@ -338,7 +338,7 @@ def score(teacher, rollouts_ref, k, logprob_dtype, max_batch_tokens, rows_per_sh
 @train_config_options
 @ENGINE_ARG_OPTION
 @experiment_option(None, "default-<loss>", " Named per loss by default, so that `lopd cost` shows each loss apart.")
-@ROOT_OPTION
+@BUCKET_ROOT_OPTION
 def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, teacher, base_ref, contrast_ref,
           engine_arg_items, experiment, root, **options):
     """Train a student with DeepSpeed from a cache (or rollout set, for SFT)."""
@@ -347,7 +347,7 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
     from lopd.rollout_set import RolloutSet
     from lopd.train.trainer import TrainConfig, train as run
 
-    root = resolve_root(root)
+    root = writable_root(root)
     get_loss(loss)
     experiment = experiment or f"default-{loss}"
     engine_args = parse_engine_args(engine_arg_items)
@@ -386,7 +386,7 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
 @ENGINE_ARG_OPTION
 @ray_options
 @EXPERIMENT_OPTION
-@ROOT_OPTION
+@BUCKET_ROOT_OPTION
 def eval_(model, prompts, prompt_field, answer_field, chat, system_prompt, n, temperature, top_p, max_tokens, seed,
           verifier, tool, engine_arg_items, use_ray, ray_address, replicas, experiment, root):
     """Accuracy of a model on a prompt set (vLLM sampling + verifier)."""
@@ -401,7 +401,7 @@ def eval_(model, prompts, prompt_field, answer_field, chat, system_prompt, n, te
     rows = load_prompts(prompts, prompt_field, answer_field)
     sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     emit(evaluate(model, rows, verifier, sampling,
-                  root=resolve_root(root), experiment=experiment, prompt_format=prompt_format, tool=tool,
+                  root=writable_root(root), experiment=experiment, prompt_format=prompt_format, tool=tool,
                   engine_args=engine_args, placement=placement).as_dict())
 
 
@@ -437,13 +437,13 @@ def toy_prompts(split, n, out, world):
 @main.command("run")
 @click.argument("pipeline", type=click.Path())
 @click.option("--dry-run", is_flag=True, help="Print the plan (which stages run, which are reused) and stop.")
-@ROOT_OPTION
+@BUCKET_ROOT_OPTION
 def run_(pipeline, dry_run, root):
     """Execute a pipeline file (TOML/YAML) from pipelines/; finished stages with unchanged inputs are skipped."""
     from lopd.pipeline.plan import load_spec
     from lopd.pipeline.run import run_pipeline
 
-    run_pipeline(load_spec(pipeline), resolve_root(root), dry_run=dry_run)
+    run_pipeline(load_spec(pipeline), writable_root(root), dry_run=dry_run)
 
 
 @main.command()

@@ -6,6 +6,7 @@ of the model itself, so importance weights pi_theta / pi_behaviour start at exac
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,11 +19,12 @@ from lopd.engine import build_llm, engine_context, numeric_engine_args, running_
 from lopd.environment import Environment, describe, load_environment
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json, model_fingerprint, tokenizer_fingerprint, vocabulary_fingerprint
+from lopd.location import Location, as_location, is_file, join
 from lopd.models.lineage import read_lineage
 from lopd.models.loading import load_tokenizer, model_config, resolve_model
 from lopd.prompts import PLAIN, PromptFormat, load_prompts
 from lopd.replicas import RayPlacement, replica_bundle, replica_devices, run_on_replicas
-from lopd.rollout_set import RolloutSet, rollouts_dir, write_rollout_set
+from lopd.rollout_set import META, RolloutSet, rollouts_dir, write_rollout_set
 from lopd.verifier import absolute_spec, load_judge, load_verifier
 
 
@@ -79,9 +81,9 @@ def rollout(
     prompts: str | Path | list[dict[str, Any]],
     sampling: SamplingConfig,
     *,
-    root: Path,
+    root: Location,
     verifier: str | None = None,
-    out: Path | None = None,
+    out: str | os.PathLike | None = None,
     llm=None,
     quiet: bool = False,
     experiment: str = "default",
@@ -119,8 +121,8 @@ def rollout(
     identity = rollout_identity(model, tokenizer, sampling, rows, prompt_ids, verifier, prompt_format,
                                 tool=tool, env=env, judge=judge, engine_args=engine_args)
     set_id = "r-" + digest_json(identity)
-    path = Path(out) if out else rollouts_dir(root) / set_id
-    if (path / "meta.json").is_file():
+    path = as_location(out) if out else join(rollouts_dir(root), set_id)
+    if is_file(join(path, META)):
         existing = RolloutSet.open(path)
         if existing.id == set_id:
             with record_stage(root, experiment=experiment, stage="rollout", artifact=set_id, inputs=[model]) as rec:

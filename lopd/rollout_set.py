@@ -1,12 +1,18 @@
-"""Rollout sets on disk: one Parquet table plus `meta.json`, committed by an atomic directory rename.
+"""Rollout sets: one Parquet table plus `meta.json`, committed atomically.
 
 Row i of the table is sequence i of every score set attached to the rollout set; nothing is ever
 re-tokenised after rollout, so the token ids stored here are exactly what teachers score and students train on.
+
+In a local directory the set is staged beside its final name and committed by a directory rename. On a bucket
+(lopd.location), where no rename exists, each writer uploads its table under `attempts/<attempt>/` and commits by
+creating `meta.json`, which names that table, if absent (a conditional PUT): of two writers of one set exactly one
+commits, and a writer killed before its commit leaves a table no `meta.json` points at (`lopd cache gc` removes it).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,10 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lopd import location
 from lopd.errors import LopdError
 from lopd.fingerprint import file_digest
 from lopd.location import Location, as_location, filesystem, is_bucket, is_file, join
-from lopd.storage import read_json, write_json_atomic
+from lopd.storage import json_bytes, read_json, write_json_atomic
 
 TABLE = "rollouts.parquet"
 META = "meta.json"
@@ -60,9 +67,11 @@ class RolloutSet:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "RolloutSet":
         path = as_location(path)
-        if not is_file(join(path, META)) or not is_file(join(path, TABLE)):
-            raise LopdError(f"{path} is not a rollout set (expected {TABLE} and {META}); create one with `lopd rollout`")
-        return cls(path)
+        if is_file(join(path, META)):
+            found = cls(path)
+            if is_file(found.table_location):
+                return found
+        raise LopdError(f"{path} is not a rollout set (expected {TABLE} and {META}); create one with `lopd rollout`")
 
     @cached_property
     def meta(self) -> dict[str, Any]:
@@ -72,9 +81,14 @@ class RolloutSet:
     def id(self) -> str:
         return self.meta["id"]
 
+    @property
+    def table_location(self) -> Location:
+        """The Parquet table: `rollouts.parquet` beside `meta.json`, or on a bucket the attempt `meta.json` names."""
+        return join(self.path, self.meta.get("table", TABLE))
+
     @cached_property
     def table(self) -> pa.Table:
-        table = join(self.path, TABLE)
+        table = self.table_location
         if is_bucket(table):  # pyarrow reads the object through the fsspec filesystem, in ranges
             fs, key = filesystem(table)
             return pq.read_table(key, filesystem=fs)
@@ -139,24 +153,48 @@ def _list_column(table: pa.Table, name: str, dtype) -> list[np.ndarray]:
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(col))]
 
 
-def write_rollout_set(path: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> RolloutSet:
-    """Stage the table and meta in a sibling temp dir, then rename: a reader sees all of it or nothing."""
-    if (path / META).is_file():
+def write_rollout_set(path: Location, records: list[dict[str, Any]], meta: dict[str, Any]) -> RolloutSet:
+    """Write the set so that a reader sees all of it or nothing: staged and renamed locally, uploaded and committed
+    by a create-if-absent `meta.json` on a bucket. A bucket set another writer committed first is returned as it is."""
+    path = as_location(path)
+    if is_file(join(path, META)):
         raise LopdError(f"{path} already holds a rollout set; remove it or choose another --out")
+    records = [r if "step_spans" in r else dict(r, step_spans=[[0, len(r["response_ids"])]]) for r in records]
+    table = pa.Table.from_pylist(records, schema=SCHEMA)
+    lengths = [len(r["response_ids"]) for r in records]
+    meta = dict(meta, num_rows=len(records), num_response_tokens=int(sum(lengths)))
+    if is_bucket(path):
+        return _commit_to_bucket(path, table, meta)
     staging = path.parent / f".staging-{path.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        records = [r if "step_spans" in r else dict(r, step_spans=[[0, len(r["response_ids"])]]) for r in records]
-        table = pa.Table.from_pylist(records, schema=SCHEMA)
         pq.write_table(table, staging / TABLE, compression="zstd")
-        lengths = [len(r["response_ids"]) for r in records]
-        meta = dict(meta, num_rows=len(records), num_response_tokens=int(sum(lengths)), created=time.time(),
-                    content_digest=file_digest(staging / TABLE))
-        write_json_atomic(staging / META, meta)
+        write_json_atomic(staging / META, dict(meta, created=time.time(), content_digest=file_digest(staging / TABLE)))
         if path.exists():
             path.rmdir()  # an empty directory left by the user; refuses anything else
         staging.rename(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return RolloutSet(path)
+
+
+def _commit_to_bucket(path: str, table: pa.Table, meta: dict[str, Any]) -> RolloutSet:
+    """Upload the table under a fresh attempt name, then create `meta.json` naming it unless a writer did first
+    (that writer's set is kept and this attempt deleted)."""
+    attempt = f"attempts/{uuid.uuid4().hex[:12]}"
+    with tempfile.TemporaryDirectory(prefix="lopd-rollouts-") as scratch:
+        staged = Path(scratch) / TABLE
+        pq.write_table(table, staged, compression="zstd")
+        digest = file_digest(staged)
+        fs, key = filesystem(join(path, attempt, TABLE))
+        try:
+            fs.put_file(str(staged), key)
+            meta = dict(meta, table=f"{attempt}/{TABLE}", created=time.time(), content_digest=digest)
+            won = location.create(join(path, META), json_bytes(meta))
+        except BaseException:
+            location.remove(join(path, attempt))
+            raise
+    if not won:
+        location.remove(join(path, attempt))
     return RolloutSet(path)

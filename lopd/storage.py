@@ -66,14 +66,14 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
         context = click.get_current_context(silent=True)
         who = context.command_path if context else "this lopd command"
         raise LopdError(f"{who} does not yet accept a bucket root ({root_url(root)}); use a local path "
-                        "(`lopd score` writes to a bucket root; `lopd cost`, `lopd report --out FILE` and "
-                        "`lopd cache ls/show/verify/gc/export` read one)")
+                        "(`lopd rollout/score/train/eval/run` write to a bucket root; `lopd cost`, "
+                        "`lopd report --out FILE` and `lopd cache ls/show/verify/gc/export` read one)")
     local.mkdir(parents=True, exist_ok=True)
     return local
 
 
 def writable_root(root: str | os.PathLike | None) -> Location:
-    """The storage root for code that writes through lopd.location (`lopd score`): a local directory (created, as
+    """The storage root for code that writes through lopd.location (rollout, score, train, eval, run): a local directory (created, as
     `resolve_root` makes it) or the bucket URL, where nothing needs creating before the first object."""
     return resolve_root(root) if local_root(root) is not None else root_location(root)
 
@@ -107,13 +107,26 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(json_bytes(obj))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(where: Location, obj: Any) -> None:
+    """Replace a JSON record atomically on this machine (write-then-rename) or in a bucket (one PUT)."""
+    where = location.as_location(where)
+    if location.is_bucket(where):
+        location.write_bytes(where, json_bytes(obj))
+    else:
+        write_json_atomic(where, obj)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The bytes lopd writes for a JSON record (indented, keys sorted), on a local disk or in a bucket."""
+    return (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode()
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -5,19 +5,14 @@ no visible partial shard and exactly their two ledger rows.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from child_env import finish, subprocess_env
-from click.testing import CliRunner
+from bucket_checks import check_one_complete_set, score_concurrently, verify
 from toy_sets import TEACHER, make_rollout_set, rollout_records
 
 from lopd import location
-from lopd.cache.score_set import COMMITS, MANIFEST, read_manifest, shard_location
-from lopd.cli import main
+from lopd.cache.score_set import read_manifest, shard_location
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
 from lopd.rollout_set import RolloutSet
@@ -26,7 +21,6 @@ from lopd.score import ScoreConfig, score
 pytestmark = pytest.mark.slow
 CONFIG = ScoreConfig(k=8, rows_per_shard=8, logprob_dtype="float32")  # 40 rows: 5 shards
 ARGS = ["--k", "8", "--rows-per-shard", "8", "--logprob-dtype", "float32"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +44,6 @@ def _checksums(manifest: dict) -> dict[str, str]:
     return {name: entry["checksum"] for name, entry in manifest["shards"].items()}
 
 
-def _verify(bucket_root: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["cache", "verify", "--root", bucket_root], prog_name="lopd")
-    return result.exit_code, result.stdout
-
-
 def test_scoring_into_a_bucket_makes_the_local_set(pool, reference, bucket_root: str):
     local, expected = reference
     rollouts = _with_rollouts(local, bucket_root)
@@ -65,7 +54,7 @@ def test_scoring_into_a_bucket_makes_the_local_set(pool, reference, bucket_root:
     manifest = read_manifest(set_url)
     assert _checksums(manifest) == _checksums(expected) and len(manifest["shards"]) == 5
     assert manifest["rollout_set"]["path"] == expected["rollout_set"]["path"] == "../../rollouts/r-bucket"
-    assert _verify(bucket_root) == (0, f"{expected['id']}: ok\n")
+    assert verify(bucket_root) == (0, f"{expected['id']}: ok\n")
 
     assert score(TEACHER, rollouts, CONFIG, root=bucket_root, llm=llm, quiet=True).reused  # a cache hit
 
@@ -77,7 +66,7 @@ def test_scoring_into_a_bucket_makes_the_local_set(pool, reference, bucket_root:
     repaired = score(TEACHER, rollouts, CONFIG, root=bucket_root, llm=llm, quiet=True)
     assert repaired.repaired == {"00002": "checksum mismatch (truncated or modified)"} and not repaired.reused
     assert _checksums(read_manifest(set_url)) == _checksums(expected)
-    assert _verify(bucket_root) == (0, f"{expected['id']}: ok\n")
+    assert verify(bucket_root) == (0, f"{expected['id']}: ok\n")
     hits = [r for r in read_rows(bucket_root) if r["stage"] == "score"]
     assert [r["cache_hit"] for r in hits] == [False, True, False]  # the ledger is in the bucket root
 
@@ -87,36 +76,9 @@ def test_scoring_into_a_bucket_makes_the_local_set(pool, reference, bucket_root:
     assert len(location.glob(bucket_root, "scores/*")) == 1  # refused before anything was written
 
 
-def _lopd_score(bucket_root: str, log: Path) -> subprocess.Popen:
-    """`lopd score --root <bucket>` in its own session (its engine processes are reaped with it)."""
-    env = subprocess_env() | {"PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "lopd.cli", "score", "--teacher", TEACHER, "--rollouts",
-                             "r-bucket", "--root", bucket_root, *ARGS], env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def test_two_concurrent_scorers_leave_one_complete_set_and_two_ledger_rows(reference, bucket_root: str,
                                                                           tmp_path: Path):
     local, expected = reference
     _with_rollouts(local, bucket_root)
-    logs = [tmp_path / f"score{i}.log" for i in range(2)]
-    procs = [_lopd_score(bucket_root, log) for log in logs]  # started together: both race for every shard
-    codes = [finish(proc, timeout=600) for proc in procs]
-    assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
-
-    set_id = expected["id"]
-    set_url = f"{bucket_root}/scores/{set_id}"
-    stored = json.loads(location.read_bytes(f"{set_url}/{MANIFEST}"))  # the manifest object itself, no folding
-    assert stored["complete"] and sorted(stored["shards"]) == sorted(expected["shards"])
-    records = {location.basename(p).removesuffix(".json"): json.loads(location.read_bytes(p))
-               for p in location.glob(f"{set_url}/{COMMITS}", "*.json")}
-    assert records == stored["shards"]  # one commit record per shard, the one the manifest names
-    committed = {f"{name}-{entry['attempt']}" for name, entry in stored["shards"].items()}
-    attempts = {location.basename(p) for p in location.glob(f"{set_url}/shards", "*")}
-    assert committed <= attempts
-    assert attempts - committed == set()  # each losing writer removed its own copy; none is referenced anyway
-    assert _verify(bucket_root) == (0, f"{set_id}: ok\n")
-
-    rows = [r for r in read_rows(bucket_root) if r["stage"] == "score" and r["artifact"] == set_id]
-    assert len(rows) == 2 and len({r["id"] for r in rows}) == 2  # none lost, none doubled
-    assert all(r["extra"]["outcome"] == "ok" for r in rows)
+    score_concurrently(bucket_root, ["--teacher", TEACHER, "--rollouts", "r-bucket", *ARGS], tmp_path)
+    check_one_complete_set(bucket_root, expected["id"], set(expected["shards"]))

@@ -19,7 +19,6 @@ what `--shard i/N` assignment avoids in practice.
 """
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -43,10 +42,7 @@ from lopd.cache.score_set import (
 from lopd.errors import LopdError
 from lopd.faults import crash_point
 from lopd.location import Location
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode()
+from lopd.storage import json_bytes
 
 
 class BucketScoreSetWriter(ScoreSetWriter):
@@ -62,7 +58,7 @@ class BucketScoreSetWriter(ScoreSetWriter):
             # foreign; the second look keeps a writer that started just after another from refusing its objects.
             if location.glob(path, "*") and not location.is_file(manifest):
                 raise LopdError(f"{path} is not empty and holds no score set; choose another --out")
-            created = location.create(manifest, _json_bytes(initial_manifest(header, rows_per_shard)))
+            created = location.create(manifest, json_bytes(initial_manifest(header, rows_per_shard)))
         if not created:  # another writer made it first, now or earlier
             existing = self.manifest()
             check_same_set(path, existing, header)
@@ -83,7 +79,7 @@ class BucketScoreSetWriter(ScoreSetWriter):
         try:
             entry = dict(write_entry(shard, plan, arrays, stats), attempt=attempt)
             crash_point("shard_staged")
-            won = location.create(location.join(self.path, COMMITS, f"{plan.name}.json"), _json_bytes(entry))
+            won = location.create(location.join(self.path, COMMITS, f"{plan.name}.json"), json_bytes(entry))
         except BaseException:
             location.remove(shard)
             raise
@@ -100,14 +96,14 @@ class BucketScoreSetWriter(ScoreSetWriter):
             location.remove(location.join(self.path, COMMITS, f"{name}.json"))
             manifest["shards"].pop(name, None)
         manifest["complete"] = False
-        location.write_bytes(location.join(self.path, MANIFEST), _json_bytes(manifest))
+        location.write_bytes(location.join(self.path, MANIFEST), json_bytes(manifest))
 
     def finish(self, num_rows: int, **fields: Any) -> dict[str, Any]:
         """Mark the set complete once every shard is committed; returns the manifest."""
         manifest = self.manifest()
         if {p.name for p in self.plan(num_rows)} <= set(manifest["shards"]):
             manifest.update(fields, complete=True, num_rows=num_rows)
-            location.write_bytes(location.join(self.path, MANIFEST), _json_bytes(manifest))
+            location.write_bytes(location.join(self.path, MANIFEST), json_bytes(manifest))
         return manifest
 
 

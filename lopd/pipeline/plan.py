@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lopd import location
 from lopd.errors import LopdError
 from lopd.fingerprint import digest_json
 from lopd.limits import check_params
-from lopd.storage import read_json, write_json_atomic
+from lopd.location import Location
+from lopd.storage import read_json, write_json
 
 STAGE_KINDS = ("rollout", "score", "train", "eval")
 MODEL_ENTRY_KEYS = ("path", "engine")
@@ -155,21 +157,22 @@ def _model_key(spec: dict[str, Any], name: str) -> Any:
 
 
 class RunState:
-    """Which stages of one (pipeline, seed) finished, with their keys and outputs; written after every stage."""
+    """Which stages of one (pipeline, seed) finished, with their keys and outputs; written after every stage, on
+    this machine or in the bucket holding the storage root."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Location):
         self.path = path
-        self.done: dict[str, Any] = read_json(path)["stages"] if path.is_file() else {}
+        self.done: dict[str, Any] = read_json(path)["stages"] if location.is_file(path) else {}
 
     def finished(self, stage: Stage) -> dict[str, Any] | None:
         entry = self.done.get(stage.id)
-        if entry and entry["key"] == stage.key and Path(entry["output"]["path"]).exists():
+        if entry and entry["key"] == stage.key and location.exists(entry["output"]["path"]):
             return entry["output"]
         return None
 
     def record(self, stage: Stage, output: dict[str, Any], seconds: float) -> None:
         self.done[stage.id] = {"key": stage.key, "output": output, "seconds": round(seconds, 2)}
-        write_json_atomic(self.path, {"stages": self.done})
+        write_json(self.path, {"stages": self.done})
 
 
 @dataclass
@@ -213,7 +216,12 @@ def ray_placement(spec: dict[str, Any]):
     return RayPlacement(replicas=replicas, address=address)
 
 
-def plan(spec: dict[str, Any], root: Path) -> list[Plan]:
+def runs_dir(root: Location, spec: dict[str, Any]) -> Location:
+    """Where a pipeline keeps its state, trained models and results under the storage root."""
+    return location.join(root, "runs", spec["name"])
+
+
+def plan(spec: dict[str, Any], root: Location) -> list[Plan]:
     check_params({"max_logprobs": spec.get("max_logprobs")}, f"pipeline {spec['name']!r}")
     ray_placement(spec)  # its errors before any stage runs
     plans = []
@@ -223,5 +231,5 @@ def plan(spec: dict[str, Any], root: Path) -> list[Plan]:
             stage.params.setdefault("seed", seed)
             check_stage(stage)
         resolve_dependencies(stages, spec)
-        plans.append(Plan(seed, stages, RunState(root / "runs" / spec["name"] / f"seed{seed}" / "state.json")))
+        plans.append(Plan(seed, stages, RunState(location.join(runs_dir(root, spec), f"seed{seed}", "state.json"))))
     return plans

@@ -5,32 +5,39 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lopd.pipeline.plan import plan
+from lopd.location import Location, join
+from lopd.mirror import mirror_path, publish
+from lopd.pipeline.plan import plan, runs_dir
 from lopd.pipeline.stages import StageRunner
 from lopd.storage import write_json_atomic
 
 
-def run_pipeline(spec: dict[str, Any], root: Path, dry_run: bool = False) -> dict[str, Any] | None:
+def run_pipeline(spec: dict[str, Any], root: Location, dry_run: bool = False) -> dict[str, Any] | None:
+    """Run (or reuse) every stage of every seed under `root`, a local directory or a bucket URL; results are
+    written beside the seeds' state, in the bucket too when the root is one."""
     plans = plan(spec, root)
     for p in plans:
         for line in p.describe():
             print(line)
     if dry_run:
         return None
-    out_dir = root / "runs" / spec["name"]
+    out_dir = runs_dir(root, spec)
     results: dict[str, Any] = {"pipeline": spec["name"], "seeds": {}}
     runner = StageRunner(spec, root)
     try:
         for p in plans:
-            results["seeds"][str(p.seed)] = runner.run_plan(p, out_dir / f"seed{p.seed}")
+            results["seeds"][str(p.seed)] = runner.run_plan(p, join(out_dir, f"seed{p.seed}"))
     finally:
         runner.close()
-    write_json_atomic(out_dir / "results.json", results)
+    local = mirror_path(out_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(local / "results.json", results)
     table = results_table(results)
-    (out_dir / "results.md").write_text(table + "\n")
-    plot_accuracies(results, out_dir / "results.png", title=f"lopd run {spec['name']}")
+    (local / "results.md").write_text(table + "\n")
+    plot_accuracies(results, local / "results.png", title=f"lopd run {spec['name']}")
+    written = [publish(local / name, join(out_dir, name)) for name in ("results.json", "results.md", "results.png")]
     print(table)
-    print(f"\nwritten: {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'results.png'}")
+    print(f"\nwritten: {', '.join(map(str, written))}")
     return results
 
 

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, fields, replace
-from pathlib import Path
 from typing import Any
 
 from lopd.cache.reader import open_cache
 from lopd.engine import EnginePool, engine_context
 from lopd.errors import LopdError
 from lopd.evaluate import evaluate
+from lopd.location import Location, join
+from lopd.mirror import fetch, mirror_path, publish
 from lopd.models.loading import load_tokenizer, model_config
 from lopd.pipeline.plan import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, ray_placement, stage_engine_args
 from lopd.prompts import PromptFormat, load_prompts
 from lopd.rollout import SamplingConfig, encode_prompts, rollout
 from lopd.rollout_set import RolloutSet
 from lopd.score import ScoreConfig, score
-from lopd.storage import write_json_atomic
+from lopd.storage import write_json
+from lopd.train.checkpoint import CHECKPOINTS
 from lopd.train.online import OnlineSampler
 from lopd.train.refresh import RefreshContext
 from lopd.train.trainer import TrainConfig, train
@@ -43,9 +45,13 @@ def resolve_model_ref(ref: str) -> str:
 
 
 class StageRunner:
-    """Executes plans against one storage root, sharing one vLLM engine per architecture across stages."""
+    """Executes plans against one storage root, sharing one vLLM engine per architecture across stages.
 
-    def __init__(self, spec: dict[str, Any], root: Path):
+    The root may be a bucket: rollout and score sets are then written there, train stages train into a local mirror
+    of their run directory (lopd.mirror) and publish the trained model (not the resumable checkpoints) to the bucket,
+    and every model a stage loads is a local copy, fetched once when another machine trained it."""
+
+    def __init__(self, spec: dict[str, Any], root: Location):
         self.spec = spec
         self.root = root
         self.placement = ray_placement(spec)  # rollout, score and eval stages on Ray replicas, or None
@@ -81,7 +87,7 @@ class StageRunner:
             self.prompt_cache[name] = rows
         return self.prompt_cache[name]
 
-    def run_plan(self, plan: Plan, out_dir: Path) -> dict[str, Any]:
+    def run_plan(self, plan: Plan, out_dir: Location) -> dict[str, Any]:
         outputs: dict[str, dict[str, Any]] = {}
         evals: dict[str, Any] = {}
         seconds: dict[str, float] = {}
@@ -107,14 +113,14 @@ class StageRunner:
     # -- helpers
     def model_path(self, ref: str, outputs: dict[str, dict[str, Any]]) -> str:
         if ref in outputs:
-            return outputs[ref]["path"]
+            return str(fetch(outputs[ref]["path"]))
         return resolve_model_ref(model_source(ref, self.spec["models"][ref]))
 
     def experiment(self, plan: Plan, stage: Stage) -> str:
         return f"{self.spec['name']}/seed{plan.seed}/{stage.id}"
 
     # -- stage kinds
-    def run_rollout(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
+    def run_rollout(self, stage: Stage, outputs, out_dir: Location, plan: Plan) -> dict[str, Any]:
         p = stage.params
         model = self.model_path(p["model"], outputs)
         llm, options = self.engine(stage, p["model"], model)
@@ -124,7 +130,7 @@ class StageRunner:
                                    engine_args=options, placement=self.placement)
         return {"path": str(rollouts.path), "id": rollouts.id, "reused": reused}
 
-    def run_score(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
+    def run_score(self, stage: Stage, outputs, out_dir: Location, plan: Plan) -> dict[str, Any]:
         p = stage.params
         teacher = self.model_path(p["teacher"], outputs)
         rollouts = RolloutSet.open(outputs[p["rollouts"]]["path"])
@@ -134,7 +140,7 @@ class StageRunner:
         return {"path": str(result.path), "id": result.id, "reused": result.reused,
                 "teacher_seconds": result.teacher_seconds}
 
-    def run_train(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
+    def run_train(self, stage: Stage, outputs, out_dir: Location, plan: Plan) -> dict[str, Any]:
         p = dict(stage.params)
         student = self.model_path(p["student"], outputs)
         config = pick(TrainConfig, p)
@@ -158,10 +164,13 @@ class StageRunner:
                                      self.experiment(plan, stage), stage_engine_args(self.spec, p, None, stage.id))
         # The state file has already decided this stage runs: checkpoints of an interrupted run of the same stage
         # (same key) resume, those of a stage whose parameters or inputs have changed since are discarded.
-        result = train(student, source, config, out_dir / stage.id, batches=batches, root=self.root,
+        run_dir = join(out_dir, stage.id)
+        result = train(student, source, config, mirror_path(run_dir), batches=batches, root=self.root,
                        experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh,
                        restart_on_change=True, run_key=stage.key)
-        return {"path": str(result.model), "checkpoint": str(result.checkpoint), "steps": result.steps,
+        published = publish(result.checkpoint, run_dir, exclude=[CHECKPOINTS])
+        model = join(published, result.model.relative_to(result.checkpoint).as_posix())
+        return {"path": str(model), "checkpoint": str(published), "steps": result.steps,
                 "tokens": result.tokens, **result.refresh}
 
     def online_sampler(self, p: dict[str, Any], student: str, outputs, config: TrainConfig) -> OnlineSampler:
@@ -173,7 +182,7 @@ class StageRunner:
                              k=int(p.get("k", ScoreConfig.k)), micro_batch_size=config.micro_batch_size or config.batch_size,
                              eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=config.seed)
 
-    def run_eval(self, stage: Stage, outputs, out_dir: Path, plan: Plan) -> dict[str, Any]:
+    def run_eval(self, stage: Stage, outputs, out_dir: Location, plan: Plan) -> dict[str, Any]:
         p = stage.params
         refs = [r for r in stage.reads] + [m for m in p["models"] if m in self.spec.get("models", {})]
         results = {}
@@ -184,6 +193,6 @@ class StageRunner:
                                     llm=llm, root=self.root, prompt_format=pick(PromptFormat, p),
                                     tool=p.get("tool"), engine_args=options, placement=self.placement,
                                     experiment=f"{self.spec['name']}/seed{plan.seed}/{ref}").as_dict()
-        path = out_dir / f"{stage.id}.json"
-        write_json_atomic(path, results)
+        path = join(out_dir, f"{stage.id}.json")
+        write_json(path, results)
         return {"path": str(path), "results": results}
