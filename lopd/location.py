@@ -9,10 +9,13 @@ takes (a local path as a string is a local location).
 """
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import re
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from fsspec import AbstractFileSystem
 from fsspec.core import split_protocol, url_to_fs
@@ -150,6 +153,35 @@ def files(where: Location) -> list[tuple[str, Location, int]]:
         found = [(key[len(path):].lstrip("/"), join(where, key[len(path):].lstrip("/")), int(info["size"]))
                  for key, info in listing.items() if info.get("type") == "file"]
     return sorted(found, key=lambda item: item[0].split("/"))
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """An fsspec listing entry's last-modified time in seconds since the epoch (s3fs: `LastModified`; gcsfs:
+    `updated`; local: `mtime`); infinity when the store gives none, so that an object of unknown age never looks old."""
+    for key in ("LastModified", "mtime", "updated", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return math.inf
+
+
+def modified(where: Location) -> dict[str, float]:
+    """Every file under the directory `where` as relative POSIX path -> last-modified time (seconds since the epoch),
+    from one listing on a bucket (read afresh); what `lopd cache gc` judges a write attempt's age by."""
+    where = as_location(where)
+    if isinstance(where, Path):
+        return {p.relative_to(where).as_posix(): p.stat().st_mtime for p in where.rglob("*") if p.is_file()}
+    fs, path = _fresh(where)
+    try:
+        listing = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {key[len(path):].lstrip("/"): _modified(info) for key, info in listing.items()
+            if info.get("type") == "file"}
 
 
 def write_bytes(where: Location, data: bytes) -> None:

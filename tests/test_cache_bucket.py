@@ -156,6 +156,55 @@ def test_gc_on_a_bucket_removes_only_what_no_experiment_used(bucket: str):
     assert cli("cache", "verify", "--root", bucket) == (0, f"{SET_ID}: ok\n")  # the used set is kept
 
 
+def test_gc_on_a_bucket_removes_orphaned_write_attempts_once_old_enough(bucket: str):
+    """Attempts no commit names (a killed writer's) go once idle for `--attempts-older-than` hours; committed ones,
+    and the sets around them, stay."""
+    fs, prefix = location.filesystem(bucket)
+    set_key = f"{prefix}/scores/{SET_ID}"
+    # shard 00001 as a bucket writer commits it: under an attempt name, which its commit record names
+    manifest = json.loads(fs.cat_file(f"{set_key}/manifest.json"))
+    entry = dict(manifest["shards"].pop("00001"), attempt="a1a1a1a1a1a1")
+    for relative, where, _ in location.files(f"{bucket}/scores/{SET_ID}/shards/00001"):
+        fs.pipe_file(f"{set_key}/shards/00001-a1a1a1a1a1a1/{relative}", location.read_bytes(where))
+    fs.rm(f"{set_key}/shards/00001", recursive=True)
+    fs.pipe_file(f"{set_key}/manifest.json", json.dumps(manifest).encode())
+    fs.pipe_file(f"{set_key}/commits/00001.json", json.dumps(entry).encode())
+    # a rollout set in the bucket layout, used by an experiment: meta.json names its committed attempt
+    fs.pipe_file(f"{prefix}/rollouts/r-new/attempts/c0c0c0c0c0c0/rollouts.parquet", b"committed table")
+    fs.pipe_file(f"{prefix}/rollouts/r-new/meta.json",
+                 json.dumps({"id": "r-new", "table": "attempts/c0c0c0c0c0c0/rollouts.parquet"}).encode())
+    append_row(bucket, {"experiment": "exp-b", "stage": "rollout", "artifact": "r-new", "inputs": [],
+                        "device_kind": "cpu", "device_count": 1})
+    orphans = ["rollouts/r-dead/attempts/e4e4e4e4e4e4",  # an attempt and no meta.json
+               "rollouts/r-new/attempts/d3d3d3d3d3d3", f"scores/{SET_ID}/shards/00002-b2b2b2b2b2b2"]
+    for orphan in orphans:
+        fs.pipe_file(f"{prefix}/{orphan}/{'zarr.json' if 'scores' in orphan else 'rollouts.parquet'}", b"killed")
+
+    def objects() -> list[str]:
+        fs.invalidate_cache()
+        return sorted(fs.find(prefix))
+
+    before = objects()
+    for hours in ([], ["--attempts-older-than", "1000"]):  # the default (24 h) and a high threshold keep them
+        assert cli("cache", "gc", "--root", bucket, *hours, "--json") == (
+            0, json.dumps({"dry_run": False, "removed": []}, indent=1) + "\n")
+    assert objects() == before
+    urls = [f"{bucket}/{orphan}" for orphan in orphans]
+    code, out = cli("cache", "gc", "--root", bucket, "--attempts-older-than", "0", "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["removed"] == urls and objects() == before
+    code, out = cli("cache", "gc", "--root", bucket, "--attempts-older-than", "0")
+    assert code == 0 and out.splitlines() == [*(f"removed {url}" for url in urls), "3 entries removed"]
+    assert objects() == [key for key in before if not any(key.startswith(f"{prefix}/{o}/") for o in orphans)]
+    assert cli("cache", "verify", "--root", bucket) == (0, f"{SET_ID}: ok\n")
+    assert json.loads(cli("cache", "gc", "--root", bucket, "--attempts-older-than", "0", "--json")[1])["removed"] == []
+    assert location.is_file(f"{bucket}/rollouts/r-new/attempts/c0c0c0c0c0c0/rollouts.parquet")
+
+    result = CliRunner().invoke(main, ["cache", "gc", "--root", bucket, "--attempts-older-than", "-1"],
+                                prog_name="lopd")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "--attempts-older-than" in lines[0], result.stderr
+
+
 def test_repair_still_refuses_a_bucket_root(bucket: str):
     result = CliRunner().invoke(main, ["cache", "repair", SET_ID, "--root", bucket], prog_name="lopd")
     lines = [line for line in result.stderr.splitlines() if line.strip()]

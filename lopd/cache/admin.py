@@ -6,7 +6,9 @@ what an experiment references.
 """
 from __future__ import annotations
 
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +17,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lopd.cache.reader import ScoreCache
-from lopd.cache.score_set import MANIFEST, damaged_shards, read_manifest, scores_dir
+from lopd.cache.score_set import (
+    MANIFEST,
+    damaged_shards,
+    read_manifest,
+    scores_dir,
+    shard_location,
+)
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
 from lopd.location import (
     Location,
     as_location,
+    basename,
     glob,
     is_bucket,
+    is_file,
     join,
+    modified,
     parent,
     remove,
     resolve,
 )
-from lopd.rollout_set import RolloutSet, rollouts_dir
+from lopd.rollout_set import META, RolloutSet, rollouts_dir
 from lopd.storage import find_artifact, read_json
 
 
@@ -97,8 +108,62 @@ def garbage(root: Location) -> list[Location]:
     return doomed
 
 
-def collect(root: Location, dry_run: bool) -> list[Location]:
+ATTEMPTS_OLDER_THAN_HOURS = 24.0
+SHARD_ATTEMPT = re.compile(r"\d+-[0-9a-f]+")  # `shards/<shard>-<attempt>/` of a bucket writer (lopd.cache.bucket_set)
+
+
+def _newest(base: Location, middle: str) -> dict[tuple[str, str], float]:
+    """(set id, attempt name) -> time of the newest object under `base/<id>/<middle>/<attempt>/`, from one listing."""
+    newest: dict[tuple[str, str], float] = {}
+    for relative, stamp in modified(base).items():
+        parts = relative.split("/")
+        if len(parts) > 3 and parts[1] == middle:
+            key = (parts[0], parts[2])
+            newest[key] = max(newest.get(key, stamp), stamp)
+    return newest
+
+
+def orphaned_attempts(root: Location, older_than_hours: float) -> list[Location]:
+    """Write attempts under a bucket root that no commit names and whose newest object is older than the threshold.
+
+    A bucket writer uploads under a name of its own and then commits it with a create-if-absent PUT: a score set
+    shard under `shards/<shard>-<attempt>/`, named by its commit record (lopd.cache.bucket_set); a rollout set's
+    table under `attempts/<attempt>/`, named by `meta.json`'s `table`. A writer killed between upload and commit, or
+    a shard discarded as damaged, leaves objects no reader opens, inside sets that whole-set gc keeps. A writer still
+    uploading looks just the same, hence the age threshold: an attempt idle for less is never taken. The listing is
+    taken before the commits are read, so an attempt committed meanwhile counts as committed. A local root has none
+    (its writers stage under `.staging*` and hold flocks)."""
+    if not is_bucket(root):
+        return []
+    cutoff = time.time() - older_than_hours * 3600
+    orphans: list[Location] = []
+    shards = _newest(scores_dir(root), "shards")
+    for set_id in sorted({set_id for set_id, _ in shards}):
+        path = join(scores_dir(root), set_id)
+        if not is_file(join(path, MANIFEST)):
+            continue  # writers create the manifest before any shard: without one, these objects are not lopd's
+        entries = read_manifest(path)["shards"].items()
+        committed = {basename(shard_location(path, name, entry)) for name, entry in entries}
+        orphans += [join(path, "shards", name) for (owner, name), newest in shards.items()
+                    if owner == set_id and SHARD_ATTEMPT.fullmatch(name) and name not in committed and newest <= cutoff]
+    tables = _newest(rollouts_dir(root), "attempts")
+    for rollout_id in sorted({rollout_id for rollout_id, _ in tables}):
+        path = join(rollouts_dir(root), rollout_id)
+        meta = join(path, META)
+        table = read_json(meta).get("table", "") if is_file(meta) else ""  # no meta.json: no attempt committed
+        orphans += [join(path, "attempts", name) for (owner, name), newest in tables.items()
+                    if owner == rollout_id and not table.startswith(f"attempts/{name}/") and newest <= cutoff]
+    return sorted(orphans, key=str)
+
+
+def collect(root: Location, dry_run: bool,
+            attempts_older_than_hours: float = ATTEMPTS_OLDER_THAN_HOURS) -> list[Location]:
+    """Remove (or with `dry_run` only list) the unreferenced sets `garbage` finds and, on a bucket root, the orphaned
+    write attempts inside the sets it keeps (`orphaned_attempts`)."""
     doomed = garbage(root)
+    gone = {str(path) for path in doomed}
+    doomed += [attempt for attempt in orphaned_attempts(root, attempts_older_than_hours)
+               if str(parent(parent(attempt))) not in gone]
     if not dry_run:
         for path in doomed:
             if is_bucket(path):

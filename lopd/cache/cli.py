@@ -107,11 +107,16 @@ def repair(ref, teacher, experiment, root):
 
 @cache.command()
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
+@click.option("--attempts-older-than", "attempts_hours", type=click.FloatRange(min=0),
+              default=admin.ATTEMPTS_OLDER_THAN_HOURS, show_default=True, metavar="HOURS",
+              help="On a bucket root, also remove write attempts no commit names (left by killed writers) once "
+                   "their newest object is this many hours old; younger ones may belong to a writer still running.")
 @BUCKET_ROOT
 @JSON
-def gc(dry_run, root, as_json):
-    """Remove score sets and rollout sets that no experiment in the ledger references."""
-    removed = admin.collect(root_location(root), dry_run)
+def gc(dry_run, attempts_hours, root, as_json):
+    """Remove score sets and rollout sets that no experiment in the ledger references, and on a bucket root the
+    orphaned write attempts inside the sets kept."""
+    removed = admin.collect(root_location(root), dry_run, attempts_hours)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": [str(p) for p in removed]}, indent=1))
     else:
