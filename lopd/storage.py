@@ -73,8 +73,8 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
 
 
 def writable_root(root: str | os.PathLike | None) -> Location:
-    """The storage root for code that writes through lopd.location (rollout, score, train, eval, run): a local directory (created, as
-    `resolve_root` makes it) or the bucket URL, where nothing needs creating before the first object."""
+    """The storage root for code that writes through lopd.location (rollout, score, train, eval, run): a local
+    directory (created, as `resolve_root` makes it) or the bucket URL, where nothing needs creating first."""
     return resolve_root(root) if local_root(root) is not None else root_location(root)
 
 

@@ -28,7 +28,7 @@ from lopd.cache.bucket_set import score_set_writer
 from lopd.cache.layout import read_shard, shard_bytes, shard_checksum
 from lopd.cache.score_set import shard_location
 from lopd.cli import main
-from lopd.cost.ledger import append_row
+from lopd.cost.ledger import append_row, read_rows
 from lopd.errors import LopdError
 from lopd.rollout_set import RolloutSet
 
@@ -289,19 +289,26 @@ def test_a_writer_killed_before_its_commit_leaves_no_visible_shard(local: Path, 
 
 
 def test_training_reads_a_score_set_from_the_bucket(local: Path, bucket: str, tmp_path: Path):
-    """`lopd train --cache s3://...` (the storage root itself stays local): the same weights as from the local set."""
+    """`lopd train --cache s3://...` with a local root, and `lopd train --cache <id> --root s3://...` (the id resolved
+    and the ledger row written in the bucket): the same weights as from the local set."""
     trained = []
-    for ref in (str(local / "scores" / SET_ID), f"{bucket}/scores/{SET_ID}"):
+    local_root = str(tmp_path / "root")
+    runs = [(str(local / "scores" / SET_ID), local_root), (f"{bucket}/scores/{SET_ID}", local_root),
+            (SET_ID[:6], bucket)]
+    for ref, root in runs:
         out = tmp_path / f"out{len(trained)}"
         env = subprocess_env() | {"OMP_NUM_THREADS": "1"}
         result = subprocess.run(
             [sys.executable, "-m", "lopd.cli", "train", "--student", STUDENT, "--cache", ref, "--out", str(out),
-             "--root", str(tmp_path / "root"), "--loss", "rkl_topk", "--steps", "2", "--batch-size", "8", "--lr",
-             "1e-3", "--seed", "1", "--allow-teacher-mismatch"],
+             "--root", root, "--loss", "rkl_topk", "--steps", "2", "--batch-size", "8", "--lr",
+             "1e-3", "--seed", "1", "--allow-teacher-mismatch", "--experiment", "from-bucket"],
             env=env, capture_output=True, text=True, timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         (weights,) = out.glob("*.safetensors")
         trained.append(load_file(weights))
-    assert trained[0].keys() == trained[1].keys()
-    for name in trained[0]:
-        assert torch.equal(trained[0][name], trained[1][name]), name
+    for other in trained[1:]:
+        assert other.keys() == trained[0].keys()
+        for name in trained[0]:
+            assert torch.equal(trained[0][name], other[name]), name
+    rows = [r for r in read_rows(bucket) if r["experiment"] == "from-bucket"]
+    assert [(r["stage"], r["inputs"][1]) for r in rows] == [("train", SET_ID)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -65,13 +66,23 @@ def _lopd(args: list[str], env: dict[str, str], log: Path, timeout: float) -> st
 
 @pytest.mark.slow
 def test_the_smoke_pipeline_runs_on_a_bucket_root(bucket_root: str, tmp_path: Path):
+    """The bucket run makes the local run's sets (same ids: the same models were loaded) and evaluations; another
+    machine sees it finished; two racing scorers of its rollouts leave one set and two ledger rows."""
     machine = subprocess_env() | {"PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "machine-a")}
+    local = tmp_path / "local-root"
+    _lopd(["run", "pipelines/smoke_toy.toml", "--root", str(local)], machine, tmp_path / "local.log", 1800)
     _lopd(["run", "pipelines/smoke_toy.toml", "--root", bucket_root], machine, tmp_path / "run.log", 1800)
 
     runs = f"{bucket_root}/runs/smoke_toy"
     state = json.loads(location.read_bytes(f"{runs}/seed0/state.json"))["stages"]
     results = json.loads(location.read_bytes(f"{runs}/results.json"))
-    assert set(results["seeds"]["0"]["evals"]) >= {"teacher", "sft", "opd_rkl_topk", "online_rkl_topk"}
+    local_state = json.loads((local / "runs/smoke_toy/seed0/state.json").read_text())["stages"]
+    local_results = json.loads((local / "runs/smoke_toy/results.json").read_text())
+    def ids(stages: dict) -> dict[str, str | None]:
+        return {stage: entry["output"].get("id") for stage, entry in stages.items()}
+
+    assert ids(state) == ids(local_state)
+    assert results["seeds"]["0"]["evals"] == local_results["seeds"]["0"]["evals"]
     for stage in ("teacher_sft_data", "student_rollouts", "teacher_more_data"):
         assert RolloutSet.open(state[stage]["output"]["path"]).id == state[stage]["output"]["id"]
     assert state["sft"]["output"]["path"] == f"{runs}/seed0/sft"  # the trained model, published to the bucket
@@ -80,8 +91,7 @@ def test_the_smoke_pipeline_runs_on_a_bucket_root(bucket_root: str, tmp_path: Pa
     assert not any(p.startswith("checkpoints/") for p in published)  # resumable state stays on the machine
     assert location.is_file(f"{runs}/results.png") and location.is_file(f"{runs}/seed0/eval.json")
     assert verify(bucket_root)[0] == 0
-    stages = [r["stage"] for r in read_rows(bucket_root)]
-    assert stages.count("rollout") == 3 and stages.count("score") == 1 and stages.count("train") == 4
+    assert Counter(r["stage"] for r in read_rows(bucket_root)) == Counter(r["stage"] for r in read_rows(local))
 
     # Another machine (an empty mirror) sees every stage finished from the bucket alone.
     other = machine | {"XDG_CACHE_HOME": str(tmp_path / "machine-b")}
