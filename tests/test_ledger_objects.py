@@ -159,3 +159,27 @@ def test_bucket_root_is_refused_in_one_line_where_not_supported(bucket_root: str
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
         assert bucket_root in lines[0]
+
+
+def test_a_stage_killed_on_a_bucket_root_is_recorded_by_the_next_command_on_its_machine(bucket_root: str,
+                                                                                        tmp_path: Path, monkeypatch):
+    """The open-run file stays in this machine's mirror of the bucket root; the next ledger read here appends the
+    killed row to the bucket, once."""
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time; from lopd.cost.ledger import record_stage\n"
+              "with record_stage(os.environ['ROOT'], experiment='B', stage='score') as rec:\n"
+              "    rec.device_kind, rec.device_count = 'cpu', 1\n"
+              "    time.sleep(0.3); os.kill(os.getpid(), signal.SIGKILL)\n")
+    machine = {**os.environ, "ROOT": bucket_root, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert subprocess.run([sys.executable, "-c", script], env=machine).returncode == -9
+    assert read_rows(bucket_root) == [] and list((tmp_path / "xdg" / "lopd" / "buckets").rglob("ledger.open/*.json"))
+
+    monkeypatch.setenv("XDG_CACHE_HOME", machine["XDG_CACHE_HOME"])
+    summary = json.loads(CliRunner().invoke(main, ["cost", "--root", bucket_root, "--json"],
+                                            catch_exceptions=False).output)
+    assert [(u["outcome"], u["experiment"], u["stage"]) for u in summary["unfinished"]] == [("killed", "B", "score")]
+    CliRunner().invoke(main, ["cost", "--root", bucket_root], catch_exceptions=False)
+    rows = read_rows(bucket_root)
+    assert [(r["outcome"], r["extra"]["error"]) for r in rows] == [("killed", "killed (no exit ran)")]

@@ -10,9 +10,11 @@ network filesystems and impossible on a bucket). That file is read in place, rea
 and never written again.
 
 Every row has an outcome (`extra["outcome"]`): ok, failed (the stage raised) or killed (interrupted by a
-signal). A stage killed with SIGKILL runs no code on its way out, so on a local root `record_stage` also keeps an
-open-run file under `<root>/ledger.open/` while the stage runs, touched every HEARTBEAT_S; the next ledger read or
-stage finds the files of processes that are gone and appends their rows as killed, ending at the last heartbeat.
+signal). A stage killed with SIGKILL runs no code on its way out, so `record_stage` also keeps an open-run file
+under `<root>/ledger.open/` while the stage runs, touched every HEARTBEAT_S; the next ledger read or stage finds the
+files of processes that are gone and appends their rows as killed, ending at the last heartbeat. For a bucket root
+the open-run files stay on the machine running the stage, in its mirror of the root (lopd.mirror): only that machine
+can tell whether the process is gone, and only a local rename claims a file atomically.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from lopd.cost.store import get_rows, put_row
 from lopd.errors import LopdError
-from lopd.storage import local_root, resolve_root
+from lopd.mirror import mirror_path
+from lopd.storage import local_root, root_location
 
 LEGACY_LEDGER = "ledger.sqlite"
 OPEN_RUNS = "ledger.open"
@@ -162,13 +166,10 @@ def _process_gone(pid: int) -> bool:
 def reap_killed_runs(root: str | os.PathLike | None) -> int:
     """Append a killed row for every open run on this host whose process is gone; returns how many.
 
-    A run's file is claimed by renaming it, so two readers reaping at once append its row once. Only on a local
-    root: whether a run's process is gone is known only on its own machine, and renaming to claim is not atomic on
-    an object store, so a bucket root keeps no open-run files and a SIGKILLed stage there leaves no row.
+    A run's file is claimed by renaming it, so two readers reaping at once append its row once. A bucket root's
+    stages killed on another machine are reaped by the next lopd command there.
     """
-    if local_root(root) is None:
-        return 0
-    directory = resolve_root(root) / OPEN_RUNS
+    directory = open_runs_dir(root)
     reaped = 0
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         host, pid, _ = path.stem.rsplit("_", 2)
@@ -188,6 +189,13 @@ def reap_killed_runs(root: str | os.PathLike | None) -> int:
     return reaped
 
 
+def open_runs_dir(root: str | os.PathLike | None) -> Path:
+    """The open-run files of this machine's stages: `<root>/ledger.open/`, for a bucket root in this machine's
+    mirror of it (not created)."""
+    local = local_root(root)
+    return (local if local is not None else mirror_path(root_location(root))) / OPEN_RUNS
+
+
 class _OpenRun:
     """The open-run file of one running stage, touched every HEARTBEAT_S by a daemon thread until closed."""
 
@@ -195,7 +203,7 @@ class _OpenRun:
         import threading
         import uuid
 
-        directory = resolve_root(root) / OPEN_RUNS
+        directory = open_runs_dir(root)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{os.uname().nodename}_{os.getpid()}_{uuid.uuid4().hex[:8]}.json"
         row = {k: v for k, v in vars(record).items() if v is not None} | {"started_at": started_at}
@@ -257,7 +265,7 @@ def record_stage(
     A block that raises is still recorded, with `extra["failed"] = True`, `extra["error"]` the
     exception type and outcome "failed" ("killed" for Ctrl-C), because its device time was spent;
     amortisation charges it to the experiment like any other row. The exception is re-raised unchanged.
-    A process killed outright is recorded later from its open-run file (`reap_killed_runs`, local roots only);
+    A process killed outright is recorded later from its open-run file (`reap_killed_runs`);
     open_run=False is for a stage that leaves its own, more precise record of a killed attempt (`lopd train`'s
     checkpoint heartbeat knows which tokens a later attempt will not redo), so that such an attempt is not recorded
     twice.
@@ -265,7 +273,7 @@ def record_stage(
     reap_killed_runs(root)
     record = StageRecord(experiment, stage, method, artifact, list(inputs), tokens, extra=dict(extra or {}))
     started_at, start = time.time(), time.perf_counter()
-    running = _OpenRun(root, record, started_at) if open_run and local_root(root) is not None else None
+    running = _OpenRun(root, record, started_at) if open_run else None
     outcome = "ok"
     try:
         yield record
