@@ -61,6 +61,14 @@ def fetch(where: Location) -> Path:
     return local
 
 
+def writable_copy(where: Location) -> Path:
+    """The local directory standing for `where`, about to be written (a training run) and then published: unmarked
+    first, so that a run interrupted before its `publish` is never taken for a complete copy of the bucket's."""
+    local = mirror_path(where)
+    _marker(local).unlink(missing_ok=True)
+    return local
+
+
 def publish(local: Path, where: Location, exclude: Iterable[str] = ()) -> Location:
     """Upload the file or directory `local` to the bucket location `where` (a directory leaves out its top-level
     entries named in `exclude` and is then marked as a complete copy); a local `where` is `local` itself, so

@@ -18,6 +18,7 @@ from toy_sets import TEACHER, rollout_records
 from lopd import location
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
+from lopd.mirror import fetch, mirror_path, publish, writable_copy
 from lopd.rollout_set import META, TABLE, RolloutSet, _commit_to_bucket, write_rollout_set
 
 META_FIELDS = {"id": "r-b", "model": "toy"}
@@ -53,6 +54,34 @@ def test_a_writer_killed_before_its_commit_leaves_no_rollout_set(bucket_root: st
     with pytest.raises(LopdError, match="is not a rollout set"):
         RolloutSet.open(path)
     assert not location.is_file(location.join(path, META))
+
+
+def test_a_model_published_by_one_machine_is_fetched_once_by_another(bucket_root: str, tmp_path: Path, monkeypatch):
+    where = f"{bucket_root}/runs/p/seed0/sft"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a"))
+    trained = writable_copy(where)
+    for name, data in {"config.json": b"{}", "model.safetensors": b"w" * 100, "merged/config.json": b"{}",
+                       "checkpoints/step-1/state.pt": b"optimizer"}.items():
+        (trained / name).parent.mkdir(parents=True, exist_ok=True)
+        (trained / name).write_bytes(data)
+    assert publish(trained, where, exclude=["checkpoints"]) == where
+    published = {relative for relative, _, _ in location.files(where)}
+    assert published == {"config.json", "model.safetensors", "merged/config.json"}
+    assert fetch(where) == trained and fetch(f"{where}/merged") == trained / "merged"  # already complete here
+
+    for machine in ("b", "c"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / machine))
+        stale = mirror_path(where)
+        stale.mkdir(parents=True)
+        (stale / "partial.bin").write_bytes(b"a download killed half way")  # no marker: not a copy
+        copy = fetch(where)
+        assert copy == stale and {p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()} == published
+        assert (copy / "model.safetensors").read_bytes() == b"w" * 100
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a"))
+    retrained = writable_copy(where)  # a rerun of the stage writes here: no longer the bucket's copy
+    (retrained / "model.safetensors").write_bytes(b"half written")
+    assert (fetch(where) / "model.safetensors").read_bytes() == b"w" * 100
 
 
 def _lopd(args: list[str], env: dict[str, str], log: Path, timeout: float) -> str:

@@ -17,13 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lopd.cache.reader import ScoreCache
-from lopd.cache.score_set import (
-    MANIFEST,
-    damaged_shards,
-    read_manifest,
-    scores_dir,
-    shard_location,
-)
+from lopd.cache.score_set import MANIFEST, damaged_shards, read_manifest, scores_dir, shard_location
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
 from lopd.location import (

@@ -10,7 +10,7 @@ from lopd.engine import EnginePool, engine_context
 from lopd.errors import LopdError
 from lopd.evaluate import evaluate
 from lopd.location import Location, join
-from lopd.mirror import fetch, mirror_path, publish
+from lopd.mirror import fetch, publish, writable_copy
 from lopd.models.loading import load_tokenizer, model_config
 from lopd.pipeline.plan import ATTACHED_STAGE_KEYS, Plan, Stage, model_source, ray_placement, stage_engine_args
 from lopd.prompts import PromptFormat, load_prompts
@@ -165,7 +165,7 @@ class StageRunner:
         # The state file has already decided this stage runs: checkpoints of an interrupted run of the same stage
         # (same key) resume, those of a stage whose parameters or inputs have changed since are discarded.
         run_dir = join(out_dir, stage.id)
-        result = train(student, source, config, mirror_path(run_dir), batches=batches, root=self.root,
+        result = train(student, source, config, writable_copy(run_dir), batches=batches, root=self.root,
                        experiment=self.experiment(plan, stage), attached=attached, refresh_context=refresh,
                        restart_on_change=True, run_key=stage.key)
         published = publish(result.checkpoint, run_dir, exclude=[CHECKPOINTS])
