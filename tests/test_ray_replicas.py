@@ -3,7 +3,8 @@
 `lopd score`: one replica's actor is killed mid-run; Ray restarts it and retries its shard, and the score set is
 the one a one-process run makes: the same id and the same bytes in every shard (their checksums). `lopd rollout`
 and `lopd eval`: the replicas sample what one engine samples on the toy models (seeds follow each prompt's
-position; vLLM does not promise batch-invariant arithmetic, so at larger scale long samples may differ: docs/cluster.md)."""
+position; vLLM does not promise batch-invariant arithmetic, so at larger scale long samples may differ: docs/cluster.md),
+also with an S3 storage root (moto), where the replicas commit score shards through the bucket protocol."""
 from __future__ import annotations
 
 import threading
@@ -13,7 +14,7 @@ from dataclasses import asdict
 import pytest
 from toy_sets import TEACHER, make_rollout_set, rollout_records
 
-from lopd.cache.score_set import MANIFEST
+from lopd.cache.score_set import MANIFEST, read_manifest
 from lopd.evaluate import evaluate
 from lopd.replicas import RayPlacement
 from lopd.rollout import SamplingConfig, rollout
@@ -70,20 +71,29 @@ def test_two_replicas_with_one_killed_make_the_one_process_set_bit_for_bit(rollo
     assert not list((replicated.path / ".staging").glob("*"))
 
 
-def test_rollout_and_eval_on_two_replicas_sample_what_one_engine_samples(tmp_path):
+def test_rollout_eval_and_score_on_two_replicas_into_a_bucket_match_one_engine(tmp_path, bucket_root: str):
+    """The replicas' rollout set and score set written to an S3 root (the driver writes rollouts, each replica
+    commits its score shards through the bucket protocol) are those one engine writes to a local root."""
     prompts = [asdict(prompt) for prompt in make_prompts("eval", 24)]
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=10, seed=3)
     verifier = "lopd.toy.words:verify"
-    single, _ = rollout(str(TEACHER_B_DIR), prompts, sampling, root=tmp_path / "single", verifier=verifier, quiet=True)
-    alone = evaluate(str(TEACHER_B_DIR), prompts, verifier, sampling)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    teacher_b = str(TEACHER_B_DIR)
+    single, _ = rollout(teacher_b, prompts, sampling, root=tmp_path / "single", verifier=verifier, quiet=True)
+    alone = evaluate(teacher_b, prompts, verifier, sampling)
+    single_scores = score(TEACHER, single, CONFIG, root=tmp_path / "single", quiet=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # its workers inherit the AWS variables
     try:
         placement = RayPlacement(replicas=2)
-        replicated, _ = rollout(str(TEACHER_B_DIR), prompts, sampling, root=tmp_path / "ray", verifier=verifier,
-                                quiet=True, placement=placement)
-        together = evaluate(str(TEACHER_B_DIR), prompts, verifier, sampling, placement=placement)
+        replicated, _ = rollout(teacher_b, prompts, sampling, root=bucket_root, verifier=verifier, quiet=True,
+                                placement=placement)
+        together = evaluate(teacher_b, prompts, verifier, sampling, placement=placement)
+        replicated_scores = score(TEACHER, replicated, CONFIG, root=bucket_root, quiet=True, placement=placement)
     finally:
         ray.shutdown()
-    assert replicated.id == single.id
+    assert replicated.path == f"{bucket_root}/rollouts/{single.id}"
     assert replicated.meta["content_digest"] == single.meta["content_digest"]
     assert together == alone
+    assert replicated_scores.id == single_scores.id and replicated_scores.complete
+    one, two = read_manifest(single_scores.path), read_manifest(replicated_scores.path)
+    assert {name: entry["checksum"] for name, entry in two["shards"].items()} == {
+        name: entry["checksum"] for name, entry in one["shards"].items()}
