@@ -347,6 +347,9 @@ def train(student, cache_ref, rollouts_ref, loss, loss_args, out, refresh_args, 
     from lopd.rollout_set import RolloutSet
     from lopd.train.trainer import TrainConfig, train as run
 
+    if location.is_bucket(out):
+        raise LopdError(f"--out {out}: training writes its checkpoints to a directory on this machine; give a local "
+                        "path (`lopd run --root s3://...` publishes pipeline models to the bucket)")
     root = writable_root(root)
     get_loss(loss)
     experiment = experiment or f"default-{loss}"
