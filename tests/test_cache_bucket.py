@@ -304,6 +304,7 @@ def test_training_reads_a_score_set_from_the_bucket(local: Path, bucket: str, tm
              "1e-3", "--seed", "1", "--allow-teacher-mismatch", "--experiment", "from-bucket"],
             env=env, capture_output=True, text=True, timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout)["steps"] == 2  # stdout is the result alone (DeepSpeed's chatter: stderr)
         (weights,) = out.glob("*.safetensors")
         trained.append(load_file(weights))
     for other in trained[1:]:

@@ -1,6 +1,7 @@
 """DeepSpeed process-group set-up that works under a launcher (deepspeed/torchrun) and without one."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -38,7 +39,10 @@ def init_process_group():
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         announce_op_build()
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        # DeepSpeed prints "... built successfully" on stdout as it loads its CPU communication op; lopd's stdout is
+        # the command's JSON result (`lopd train | jq`), so its chatter goes to stderr with the rest of the logs.
+        with contextlib.redirect_stdout(sys.stderr):
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return deepspeed
 
 
