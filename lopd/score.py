@@ -416,11 +416,12 @@ def unpack_prompt_logprobs(flat, prompt_len: int, seq_len: int, k: int) -> tuple
     return lps[:, 0], ids, lps[:, 1:]
 
 
-def repair(path: Path, root: Path, teacher: str | None = None, llm=None, experiment: str = "default"):
-    """Rescore exactly the missing or corrupt shards of the score set at `path` (and finish an incomplete one):
-    `lopd score` rerun with the teacher and settings its manifest records. Returns its ScoreResult."""
-    manifest = read_json(path / MANIFEST)
-    rollouts = RolloutSet.open((path / manifest["rollout_set"]["path"]).resolve())
+def repair(path: location.Location, root: location.Location, teacher: str | None = None, llm=None,
+           experiment: str = "default"):
+    """Rescore exactly the missing or corrupt shards of the score set at `path`, local or in a bucket (and finish an
+    incomplete one): `lopd score` rerun with the teacher and settings its manifest records. Returns its ScoreResult."""
+    manifest = read_json(location.join(path, MANIFEST))
+    rollouts = RolloutSet.open(location.resolve(location.join(path, manifest["rollout_set"]["path"])))
     recorded = manifest["config"]
     config = ScoreConfig(k=recorded["k"], logprob_dtype=recorded["logprob_dtype"],
                          rows_per_shard=manifest["rows_per_shard"], context=recorded.get("context"),

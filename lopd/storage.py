@@ -67,7 +67,7 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
         who = context.command_path if context else "this lopd command"
         raise LopdError(f"{who} does not yet accept a bucket root ({root_url(root)}); use a local path "
                         "(`lopd rollout/score/train/eval/run` write to a bucket root; `lopd cost`, "
-                        "`lopd report --out FILE` and `lopd cache ls/show/verify/gc/export` read one)")
+                        "`lopd report --out FILE` and `lopd cache ...` take one)")
     local.mkdir(parents=True, exist_ok=True)
     return local
 

@@ -205,11 +205,14 @@ def test_gc_on_a_bucket_removes_orphaned_write_attempts_once_old_enough(bucket: 
     assert result.exit_code == 2 and len(lines) == 1 and "--attempts-older-than" in lines[0], result.stderr
 
 
-def test_repair_still_refuses_a_bucket_root(bucket: str):
-    result = CliRunner().invoke(main, ["cache", "repair", SET_ID, "--root", bucket], prog_name="lopd")
+def test_repair_on_a_bucket_root_reads_the_set_and_its_rollouts_there(bucket: str):
+    """`lopd cache repair` takes a bucket root and rebuilds the set's identity from the manifest and rollout set in the
+    bucket before any engine starts; this fixture's set has a made-up id, which repair must refuse in one line
+    (rescoring a damaged shard in a bucket: tests/test_score_bucket.py)."""
+    result = CliRunner().invoke(main, ["cache", "repair", SET_ID[:6], "--root", bucket], prog_name="lopd")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.stderr
-    assert f"lopd cache repair does not yet accept a bucket root ({bucket})" in lines[0]
+    assert f"score set {SET_ID} cannot be repaired here" in lines[0]
 
 
 def _rows(cache) -> list[tuple]:

@@ -153,7 +153,7 @@ def test_concurrent_writers_on_a_bucket_and_lopd_cost_reads_them(bucket_root: st
 
 
 def test_bucket_root_is_refused_in_one_line_where_not_supported(bucket_root: str):
-    for args, needle in [(["cache", "repair", "s-1"], "lopd cache repair does not yet accept a bucket root"),
+    for args, needle in [(["demo"], "lopd demo does not yet accept a bucket root"),
                          (["report"], "pass --out FILE"),
                          (["train", "--student", "x", "--loss", "sft", "--rollouts", "r", "--out", f"{bucket_root}/ckpt"],
                           "training writes its checkpoints to a directory on this machine")]:

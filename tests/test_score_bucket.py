@@ -16,7 +16,7 @@ from lopd.cache.score_set import read_manifest, shard_location
 from lopd.cost.ledger import read_rows
 from lopd.errors import LopdError
 from lopd.rollout_set import RolloutSet
-from lopd.score import ScoreConfig, score
+from lopd.score import ScoreConfig, repair, score
 
 pytestmark = pytest.mark.slow
 CONFIG = ScoreConfig(k=8, rows_per_shard=8, logprob_dtype="float32")  # 40 rows: 5 shards
@@ -63,7 +63,7 @@ def test_scoring_into_a_bucket_makes_the_local_set(pool, reference, bucket_root:
                                                                                manifest["shards"]["00002"]))
                  if "/c/" in relative)
     fs.pipe_file(location.filesystem(chunk)[1], b"not what was scored")
-    repaired = score(TEACHER, rollouts, CONFIG, root=bucket_root, llm=llm, quiet=True)
+    repaired = repair(set_url, bucket_root, llm=llm)  # `lopd cache repair`: the settings its manifest records
     assert repaired.repaired == {"00002": "checksum mismatch (truncated or modified)"} and not repaired.reused
     assert _checksums(read_manifest(set_url)) == _checksums(expected)
     assert verify(bucket_root) == (0, f"{expected['id']}: ok\n")

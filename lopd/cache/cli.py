@@ -11,10 +11,9 @@ from lopd import location
 from lopd.cache import admin
 from lopd.cache.score_set import read_manifest
 from lopd.errors import LopdError
-from lopd.storage import resolve_root, root_location
+from lopd.storage import root_location, writable_root
 
-ROOT = click.option("--root", type=click.Path(file_okay=False), default=None, help="Storage root.")
-# The commands that read or remove whole score sets take a bucket root too (lopd.location); the others refuse one.
+# Every cache command takes a bucket root too (lopd.location).
 BUCKET_ROOT = click.option("--root", default=None,
                          help="Storage root: a directory or a bucket URL such as s3://bucket/prefix.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -96,12 +95,12 @@ def verify(ref, root, as_json):
                    "model).")
 @click.option("--experiment", envvar="LOPD_EXPERIMENT", default="default", show_default=True,
               help="Experiment name recorded in the cost ledger ($LOPD_EXPERIMENT).")
-@ROOT
+@BUCKET_ROOT
 def repair(ref, teacher, experiment, root):
     """Rescore exactly the missing or corrupt shards of a score set (and finish an interrupted one)."""
     from lopd.score import repair as rescore
 
-    root = resolve_root(root)
+    root = writable_root(root)
     report_score(rescore(admin.find(root, ref), root, teacher=teacher, experiment=experiment))
 
 
