@@ -192,8 +192,7 @@ def reap_killed_runs(root: str | os.PathLike | None) -> int:
 def open_runs_dir(root: str | os.PathLike | None) -> Path:
     """The open-run files of this machine's stages: `<root>/ledger.open/`, for a bucket root in this machine's
     mirror of it (not created)."""
-    local = local_root(root)
-    return (local if local is not None else mirror_path(root_location(root))) / OPEN_RUNS
+    return mirror_path(root_location(root)) / OPEN_RUNS
 
 
 class _OpenRun:
