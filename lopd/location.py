@@ -13,6 +13,7 @@ import math
 import os
 import posixpath
 import re
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -141,18 +142,24 @@ def glob(where: Location, pattern: str) -> list[Location]:
     return [f"{protocol}://{match}" for match in fs.glob(f"{path}/{pattern}")]
 
 
-def files(where: Location) -> list[tuple[str, Location, int]]:
-    """Every file under the directory `where` as (relative POSIX path, location, size in bytes), in the order of
-    their relative paths' parts, which is the order `sorted(Path.rglob(...))` gives; empty when there is none."""
+def _listing(where: Location) -> dict[str, tuple[int, float]]:
+    """Every file under the directory `where` as relative POSIX path -> (size in bytes, last-modified time in seconds
+    since the epoch): one listing on a bucket, read afresh; empty when there is none."""
     where = as_location(where)
     if isinstance(where, Path):
-        found = [(p.relative_to(where).as_posix(), p, p.stat().st_size) for p in where.rglob("*") if p.is_file()]
-    else:
-        fs, path = _fresh(where)
+        found = {}
+        for file in where.rglob("*"):
+            if file.is_file():
+                stat = file.stat()
+                found[file.relative_to(where).as_posix()] = (stat.st_size, stat.st_mtime)
+        return found
+    fs, path = _fresh(where)
+    try:
         listing = fs.find(path, detail=True)
-        found = [(key[len(path):].lstrip("/"), join(where, key[len(path):].lstrip("/")), int(info["size"]))
-                 for key, info in listing.items() if info.get("type") == "file"]
-    return sorted(found, key=lambda item: item[0].split("/"))
+    except FileNotFoundError:
+        return {}
+    return {key[len(path):].lstrip("/"): (int(info["size"]), _modified(info)) for key, info in listing.items()
+            if info.get("type") == "file"}
 
 
 def _modified(info: dict[str, Any]) -> float:
@@ -169,19 +176,18 @@ def _modified(info: dict[str, Any]) -> float:
     return math.inf
 
 
+def files(where: Location) -> list[tuple[str, Location, int]]:
+    """Every file under the directory `where` as (relative POSIX path, location, size in bytes), in the order of
+    their relative paths' parts, which is the order `sorted(Path.rglob(...))` gives; empty when there is none."""
+    where = as_location(where)
+    found = [(relative, join(where, relative), size) for relative, (size, _) in _listing(where).items()]
+    return sorted(found, key=lambda item: item[0].split("/"))
+
+
 def modified(where: Location) -> dict[str, float]:
     """Every file under the directory `where` as relative POSIX path -> last-modified time (seconds since the epoch),
     from one listing on a bucket (read afresh); what `lopd cache gc` judges a write attempt's age by."""
-    where = as_location(where)
-    if isinstance(where, Path):
-        return {p.relative_to(where).as_posix(): p.stat().st_mtime for p in where.rglob("*") if p.is_file()}
-    fs, path = _fresh(where)
-    try:
-        listing = fs.find(path, detail=True)
-    except FileNotFoundError:
-        return {}
-    return {key[len(path):].lstrip("/"): _modified(info) for key, info in listing.items()
-            if info.get("type") == "file"}
+    return {relative: stamp for relative, (_, stamp) in _listing(where).items()}
 
 
 def write_bytes(where: Location, data: bytes) -> None:
@@ -203,6 +209,21 @@ def create(where: Location, data: bytes) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def commit_attempt(attempt: Location, commit: Location, write_attempt: Callable[[], bytes]) -> bool:
+    """One step of the bucket write protocol (score set shards, lopd.cache.bucket_set; rollout sets,
+    lopd.rollout_set): `write_attempt()` writes under this writer's own `attempt` prefix, which nothing refers to
+    yet, and returns the commit record, which is then created at `commit` only if absent. True when this writer
+    committed; one that lost the race, or failed on the way, deletes its attempt."""
+    try:
+        won = create(commit, write_attempt())
+    except BaseException:
+        remove(attempt)
+        raise
+    if not won:
+        remove(attempt)
+    return won
 
 
 def remove(where: Location) -> None:

@@ -188,13 +188,10 @@ def _commit_to_bucket(path: str, table: pa.Table, meta: dict[str, Any]) -> Rollo
         pq.write_table(table, staged, compression="zstd")
         digest = file_digest(staged)
         fs, key = filesystem(join(path, attempt, TABLE))
-        try:
+
+        def upload_table() -> bytes:
             fs.put_file(str(staged), key)
-            meta = dict(meta, table=f"{attempt}/{TABLE}", created=time.time(), content_digest=digest)
-            won = location.create(join(path, META), json_bytes(meta))
-        except BaseException:
-            location.remove(join(path, attempt))
-            raise
-    if not won:
-        location.remove(join(path, attempt))
+            return json_bytes(dict(meta, table=f"{attempt}/{TABLE}", created=time.time(), content_digest=digest))
+
+        location.commit_attempt(join(path, attempt), join(path, META), upload_table)
     return RolloutSet(path)

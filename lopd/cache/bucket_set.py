@@ -76,15 +76,14 @@ class BucketScoreSetWriter(ScoreSetWriter):
         """Write the shard under a fresh attempt name, then create its commit record if no writer did first."""
         attempt = uuid.uuid4().hex[:12]
         shard = shard_location(self.path, plan.name, {"attempt": attempt})
-        try:
+
+        def write_shard() -> bytes:
             entry = dict(write_entry(shard, plan, arrays, stats), attempt=attempt)
             crash_point("shard_staged")
-            won = location.create(location.join(self.path, COMMITS, f"{plan.name}.json"), json_bytes(entry))
-        except BaseException:
-            location.remove(shard)
-            raise
-        if not won:  # another writer committed this shard first: its copy is the one readers use
-            location.remove(shard)
+            return json_bytes(entry)
+
+        # A writer that loses leaves the shard to the one that committed first: its copy is the one readers use.
+        location.commit_attempt(shard, location.join(self.path, COMMITS, f"{plan.name}.json"), write_shard)
         crash_point("shard_committed")
 
     def discard(self, names: list[str]) -> None:
